@@ -1,0 +1,16 @@
+"""One exception type for bad user input.
+
+Every problem a user can cause (a missing image, a corrupt checkpoint, a malformed split
+file) is raised as :class:`InputError` with a one-line message that names the file and the
+problem. The command-line entry points print ``error: <message>`` and exit non-zero instead of
+showing a traceback.
+"""
+
+
+class InputError(Exception):
+    """Bad input named by file: ``InputError(path, problem)`` -> ``"<path>: <problem>"``."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")

@@ -1,0 +1,307 @@
+"""CLIP ViT (OpenAI architecture and parameter names) with the hooks TagCLIP and CLIP-ES need.
+
+SPEC §2. Differences from OpenAI's ``clip/model.py`` are all additive:
+
+* every block can return its attention map averaged over heads, computed from the scores
+  WITHOUT the additive mask (the reference returns the unmasked softmax even when a mask
+  changed the block's output);
+* attention masks are arguments of ``forward`` (one per block), never state of a module;
+* the positional table is resized to any patch grid, with the reference's float16 rounding
+  (quirk Q1) as an explicit switch;
+* tokens are batch-first, ``(batch, tokens, width)``; parameter names are unchanged, so
+  OpenAI checkpoints load strictly.
+
+Attention runs on ``torch.nn.functional.scaled_dot_product_attention`` unless maps are
+requested; the explicit path follows the reference's order of operations
+(``q * scale`` before ``q @ kᵀ``) so that its maps match bit for bit where possible.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# SPEC §2: heads are width // 64 in both towers, whatever the checkpoint (OpenAI build_model).
+HEAD_WIDTH = 64
+# SPEC §2: QuickGELU constant.
+QUICK_GELU_ALPHA = 1.702
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype (SPEC §2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        return super().forward(x.float()).to(dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(QUICK_GELU_ALPHA * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names.
+
+    ``forward(x, attn_mask, need_weights, n_queries)``:
+      x:          (B, L, D)
+      attn_mask:  additive float mask broadcastable to (B, heads, Lq, L), or None
+      need_weights: also return softmax(q kᵀ / √d) WITHOUT the mask, averaged over heads
+      n_queries:  compute outputs for the first ``n_queries`` tokens only (keys/values
+                  still come from all L tokens); None means all
+    returns (out (B, Lq, D), weights (B, Lq, L) or None)
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def _qkv(self, x: torch.Tensor, n_queries: Optional[int]):
+        width = x.shape[-1]
+        if n_queries is None:
+            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            q = F.linear(x[:, :n_queries], self.in_proj_weight[:width], self.in_proj_bias[:width])
+            k, v = F.linear(x, self.in_proj_weight[width:], self.in_proj_bias[width:]).chunk(2, dim=-1)
+        return q, k, v
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, d = t.shape
+        return t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)  # (B, heads, n, d/heads)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                need_weights: bool = False, is_causal: bool = False,
+                n_queries: Optional[int] = None):
+        b, _, width = x.shape
+        q, k, v = self._qkv(x, n_queries)
+        n_q = q.shape[1]
+        if need_weights:
+            head_dim = width // self.heads
+            q = q * head_dim ** -0.5
+            q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+            scores = q @ k.transpose(-2, -1)  # (B, heads, Lq, L)
+            weights = torch.softmax(scores, dim=-1)
+            if is_causal:
+                causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=x.device).triu(1)
+                scores = scores.masked_fill(causal, float("-inf"))
+            if attn_mask is not None or is_causal:
+                probs = torch.softmax(scores + attn_mask if attn_mask is not None else scores, dim=-1)
+            else:
+                probs = weights
+            out = probs @ v  # (B, heads, Lq, d/heads)
+            avg = weights.sum(dim=1) / self.heads  # (B, Lq, L), reference: sum / num_heads
+        else:
+            q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+            mask = attn_mask.to(q.dtype) if attn_mask is not None else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+            avg = None
+        out = out.transpose(1, 2).reshape(b, n_q, width)  # (B, Lq, D)
+        return self.out_proj(out), avg
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attn = Attention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, width * 4)),
+            ("gelu", QuickGELU()),
+            ("c_proj", nn.Linear(width * 4, width)),
+        ]))
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                need_weights: bool = False, is_causal: bool = False,
+                n_queries: Optional[int] = None):
+        """(B, L, D) -> ((B, Lq, D), weights (B, Lq, L) or None); Lq = n_queries or L."""
+        a, weights = self.attn(self.ln_1(x), attn_mask, need_weights, is_causal, n_queries)
+        x = x[:, :n_queries] + a if n_queries is not None else x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, weights
+
+
+class TransformerOutput(NamedTuple):
+    tokens: torch.Tensor                   # (B, L, D), or (B, n_queries, D) if requested
+    attentions: tuple[torch.Tensor, ...]   # one (B, L, L) head-averaged map per block, or ()
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor, attn_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                need_weights: bool = False, is_causal: bool = False,
+                last_block_queries: Optional[int] = None) -> TransformerOutput:
+        """Run every block. ``attn_masks[i]`` is block i's additive mask (or None).
+
+        ``last_block_queries=n`` computes the last block for the first n tokens only (the
+        crop pass of TagCLIP reads nothing but the class token of the last block).
+        """
+        if attn_masks is not None and len(attn_masks) != self.layers:
+            raise ValueError(f"expected {self.layers} attention masks, got {len(attn_masks)}")
+        maps = []
+        for i, block in enumerate(self.resblocks):
+            mask = attn_masks[i] if attn_masks is not None else None
+            n_q = last_block_queries if i == self.layers - 1 else None
+            if n_q is not None and mask is not None:
+                mask = mask[..., :n_q, :]
+            x, w = block(x, mask, need_weights, is_causal, n_q)
+            if need_weights:
+                maps.append(w)
+        return TransformerOutput(x, tuple(maps))
+
+
+def resize_positional_embedding(table: torch.Tensor, grid: tuple[int, int],
+                                round_fp16: bool = True) -> torch.Tensor:
+    """Positional table for a (gh, gw) patch grid: (1 + gh*gw, D).
+
+    The patch rows are resized bilinearly (align_corners=False); the class row is kept.
+    Quirk Q1: the reference wraps the result (class row included) in float16 before use,
+    so ``round_fp16`` rounds it through float16 and back.
+    """
+    cls_row, patches = table[:1], table[1:]
+    side = math.isqrt(patches.shape[0])
+    d = patches.shape[1]
+    grid_map = patches.t().reshape(1, d, side, side)  # (P0, D) -> (1, D, s, s)
+    grid_map = F.interpolate(grid_map, size=grid, mode="bilinear", align_corners=False)
+    patches = grid_map.reshape(d, -1).t()  # (1, D, gh, gw) -> (gh*gw, D)
+    out = torch.cat([cls_row, patches], dim=0)
+    if round_fp16:
+        out = out.half().to(table.dtype)
+    return out
+
+
+class VisionOutput(NamedTuple):
+    tokens: torch.Tensor                   # (B, 1 + P, E): ln_post on every token, then @ proj
+    attentions: tuple[torch.Tensor, ...]   # per block (B, 1 + P, 1 + P) head-averaged, or ()
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int,
+                 heads: int, output_dim: int):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.patch_size = patch_size
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(
+            torch.empty((input_resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(torch.empty(width, output_dim))
+
+    @property
+    def native_grid(self) -> tuple[int, int]:
+        side = self.input_resolution // self.patch_size
+        return side, side
+
+    def positional_embedding_for(self, grid: tuple[int, int], always_resize: bool = False,
+                                 round_fp16: bool = True) -> torch.Tensor:
+        """TagCLIP uses the stored table at the native grid and a resized, float16-rounded
+        one elsewhere; CLIP-ES resizes (and rounds) always (quirk Q1)."""
+        if grid == self.native_grid and not always_resize:
+            return self.positional_embedding
+        return resize_positional_embedding(self.positional_embedding, grid, round_fp16)
+
+    def embed(self, images: torch.Tensor, always_resize_pos: bool = False,
+              round_pos_fp16: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + P, width) tokens after ``ln_pre``; H, W multiples of the patch."""
+        x = self.conv1(images.to(self.conv1.weight.dtype))  # (B, width, gh, gw)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)  # (B, width, gh, gw) -> (B, P, width)
+        cls = self.class_embedding.to(x.dtype) + torch.zeros(
+            x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)  # (B, 1, width)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + P, width)
+        pos = self.positional_embedding_for(grid, always_resize_pos, round_pos_fp16)
+        return self.ln_pre(x + pos.to(x.dtype))
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``ln_post`` then ``@ proj`` on every token: (B, n, width) -> (B, n, E)."""
+        return self.ln_post(tokens) @ self.proj
+
+    def forward(self, images: torch.Tensor,
+                attn_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                need_weights: bool = False, cls_only: bool = False,
+                always_resize_pos: bool = False, round_pos_fp16: bool = True) -> VisionOutput:
+        """Encode images; ``cls_only`` returns just the class token (B, 1, E) and skips the
+        last block's work for the patch tokens."""
+        x = self.embed(images, always_resize_pos, round_pos_fp16)
+        out = self.transformer(x, attn_masks, need_weights,
+                               last_block_queries=1 if cls_only else None)
+        return VisionOutput(self.project(out.tokens), out.attentions)
+
+
+class CLIP(nn.Module):
+    def __init__(self, embed_dim: int, image_resolution: int, vision_layers: int,
+                 vision_width: int, vision_patch_size: int, context_length: int,
+                 vocab_size: int, transformer_width: int, transformer_heads: int,
+                 transformer_layers: int):
+        super().__init__()
+        self.context_length = context_length
+        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
+                                        vision_layers, vision_width // HEAD_WIDTH, embed_dim)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.ones([]))
+        self.checkpoint_sha256: Optional[str] = None  # set by the loader; keys text caches
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 77) token ids -> (B, E) features taken at the end token (the largest id).
+
+        The sequence is cut after the longest prompt's end token: under the causal mask no
+        position attends to later ones, so the result is exactly that of the full context.
+        """
+        eot = tokens.argmax(dim=-1)  # (B,)
+        length = int(eot.max()) + 1
+        tokens = tokens[:, :length]
+        x = self.token_embedding(tokens).to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
+        x = self.transformer(x, is_causal=True).tokens  # (B, length, width)
+        x = self.ln_final(x)
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+
+def build_model(state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> CLIP:
+    """Build a CLIP ViT from an OpenAI state dict, reading the architecture from tensor shapes."""
+    sd = {k: v for k, v in state_dict.items()
+          if k not in ("input_resolution", "context_length", "vocab_size")}
+    if "visual.conv1.weight" not in sd or "visual.proj" not in sd:
+        raise ValueError("not a CLIP ViT state dict (ResNet CLIP models are not supported)")
+    vision_width = sd["visual.conv1.weight"].shape[0]
+    vision_patch = sd["visual.conv1.weight"].shape[-1]
+    vision_layers = sum(1 for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight"))
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+    text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    model = CLIP(
+        embed_dim=sd["text_projection"].shape[1],
+        image_resolution=vision_patch * grid,
+        vision_layers=vision_layers,
+        vision_width=vision_width,
+        vision_patch_size=vision_patch,
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        transformer_width=text_width,
+        transformer_heads=text_width // HEAD_WIDTH,
+        transformer_layers=text_layers,
+    )
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
+    return model.to(dtype).eval().requires_grad_(False)

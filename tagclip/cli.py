@@ -1,0 +1,243 @@
+"""Command line: ``classify.py`` (the paper's flags and more), ``tagclip tag`` and ``tagclip demo``.
+
+Every flag that changes numbers defaults to the paper's setting. Bad input ends the run with
+one ``error: <file>: <problem>`` line and exit status 2; with ``--on_error skip`` unreadable
+images are listed at the end and the exit status is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .errors import InputError
+from .images import DEFAULT_MAX_SIDE, iter_image_files, load_model_input
+from .labels import SplitEntry, label_file_lines, label_file_name, labels_to_onehot, read_split, \
+    write_scores, write_text_atomic
+from .metrics import f1_overall, format_metrics, mean_average_precision
+from .registry import DATASETS, get_dataset
+from .tagger import DEFAULT_BATCH_SIZE, Tagger
+
+RULE = "=" * 48
+EXIT_INPUT_ERROR = 2      # bad input stopped the run
+EXIT_SKIPPED_IMAGES = 1   # --on_error skip: the run finished but some images failed
+SPLIT_IMAGE_EXT = ".jpg"  # SPEC §8: image file = {img_root}/{id}.jpg
+CUSTOM_LABEL_FILE = "custom_val_tagclip.txt"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_word_list(value: Optional[str]) -> list[str]:
+    """A file with one name per line, or a comma-separated list."""
+    if not value:
+        return []
+    path = Path(value)
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(path, f"cannot read word list: {err}") from None
+        words = [w.strip() for w in lines if w.strip()]
+        if not words:
+            raise InputError(path, "word list is empty")
+    else:
+        words = [w.strip() for w in value.split(",") if w.strip()]
+        if not words:
+            raise InputError(value, "no class names given")
+    if len(set(words)) != len(words):
+        dup = next(w for w in words if words.count(w) > 1)
+        raise InputError(value, f"class name {dup!r} is listed twice")
+    return words
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``classify.py`` and ``tagclip tag``."""
+    p.add_argument("--model_path", default="ViT-B/16",
+                   help="OpenAI model name (downloaded to the cache, SHA256 checked) or a checkpoint file "
+                        "(TorchScript archive, state dict or .npz)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--classes", default=None,
+                   help="open vocabulary: a file with one class name per line, or 'cat,dog,sofa'")
+    p.add_argument("--background", default=None,
+                   help="background words for --classes (file or comma list; default: none)")
+    p.add_argument("--output_dir", default="./output", help="where the label file goes (default ./output)")
+    p.add_argument("--scores_out", default=None,
+                   help="write the score matrix: .npy (float32, rows in split order) or .csv (header of class names)")
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="images of equal size per forward pass (default %(default)s)")
+    p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
+                   help="on an unreadable image: stop at once (default) or skip it and report at the end")
+    p.add_argument("--exif_transpose", action="store_true",
+                   help="honour EXIF orientation (off by default, as the reference and the dataset annotations)")
+    p.add_argument("--max_side", type=int, default=DEFAULT_MAX_SIDE,
+                   help="downscale larger images to this longest side first (default %(default)s: "
+                        "leaves every VOC/COCO image untouched)")
+    p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
+    p.add_argument("--no_text_cache", action="store_true", help="do not read or write cached text features")
+
+
+def classify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="classify.py", description="TagCLIP multi-label classification (SPEC §3-4).")
+    p.add_argument("--dataset", default="voc2007", choices=list(DATASETS),
+                   help="vocabulary, thresholds and label ids of a paper dataset (default voc2007)")
+    p.add_argument("--img_root", required=True, help="image folder ({img_root}/{id}.jpg)")
+    p.add_argument("--split_file", default=None,
+                   help="'id l1 l2 ...' per line; without it every image in --img_root is tagged")
+    p.add_argument("--save_file", action="store_true",
+                   help="accepted for compatibility: the label file is always written")
+    add_run_arguments(p)
+    return p
+
+
+class _Vocabulary:
+    def __init__(self, args):
+        self.dataset = get_dataset(args.dataset)
+        custom = parse_word_list(args.classes)
+        if custom:
+            self.names, self.background = custom, parse_word_list(args.background)
+            self.label_map, self.label_file = None, CUSTOM_LABEL_FILE
+        else:
+            if args.background:
+                raise InputError(args.background, "--background needs --classes "
+                                 "(dataset vocabularies bring their own background words)")
+            self.names, self.background = list(self.dataset.class_names), list(self.dataset.background)
+            self.label_map, self.label_file = self.dataset.split_label_map, label_file_name(args.dataset)
+
+
+def _image_list(args, vocab: _Vocabulary) -> tuple[list[SplitEntry], list[Path]]:
+    root = Path(args.img_root)
+    if args.split_file:
+        entries = read_split(args.split_file, num_classes=len(vocab.names), label_map=vocab.label_map)
+        return entries, [root / f"{e.id}{SPLIT_IMAGE_EXT}" for e in entries]
+    files = iter_image_files(root)
+    return [SplitEntry(i, ()) for i, _ in files], [root / name for _, name in files]
+
+
+def _load_chunk(paths: Sequence[Path], args) -> list:
+    """Model inputs, or the InputError of each image that could not be read."""
+    out = []
+    for path in paths:
+        try:
+            out.append(load_model_input(path, exif_transpose=args.exif_transpose, max_side=args.max_side)[0])
+        except InputError as err:
+            out.append(err)
+    return out
+
+
+def score_images(tagger: Tagger, paths: Sequence[Path], args) -> tuple[torch.Tensor, list[InputError]]:
+    """(n, N) scores (NaN rows for failed images) and the failures. Decoding of the next
+    chunk overlaps the model's work on the current one."""
+    scores = torch.full((len(paths), len(tagger.class_names)), float("nan"))
+    failures: list[InputError] = []
+    step = max(1, args.batch_size)
+    chunks = [list(range(s, min(s + step, len(paths)))) for s in range(0, len(paths), step)]
+    with ThreadPoolExecutor(max_workers=1) as pool, \
+            tqdm(total=len(paths), unit="img", desc="classify", file=sys.stderr) as bar:
+        pending = pool.submit(_load_chunk, [paths[i] for i in chunks[0]], args) if chunks else None
+        for k, idx in enumerate(chunks):
+            loaded = pending.result()
+            if k + 1 < len(chunks):
+                pending = pool.submit(_load_chunk, [paths[i] for i in chunks[k + 1]], args)
+            good = []
+            for i, item in zip(idx, loaded):
+                if isinstance(item, InputError):
+                    if args.on_error == "stop":
+                        raise item
+                    failures.append(item)
+                else:
+                    good.append((i, item))
+            if good:
+                scores[[i for i, _ in good]] = tagger.scores([t for _, t in good])
+            bar.update(len(idx))
+    return scores, failures
+
+
+def run_classify(args) -> int:
+    vocab = _Vocabulary(args)
+    entries, paths = _image_list(args, vocab)
+    device = args.device or default_device()
+    print(RULE)
+    print("num_classes_dataset:", len(vocab.names))
+    print("num_classes_all:", len(vocab.names) + len(vocab.background))
+    print("num_images:", len(entries))
+    print("device:", device)
+    print(RULE + "\n")
+    import clip  # deferred: torch/open_clip import cost only when a model is needed
+
+    try:
+        model = clip.load(args.model_path, device=device, cache_dir=args.model_cache)
+    except RuntimeError as err:  # e.g. an unavailable CUDA device
+        raise InputError(args.model_path, f"cannot load on device {device!r}: {err}") from None
+    tagger = Tagger(model, vocab.names, vocab.background,
+                    params=vocab.dataset.params, label_threshold=vocab.dataset.label_rel_threshold,
+                    use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
+    scores, failures = score_images(tagger, paths, args)
+    ok = ~torch.isnan(scores).any(dim=1)
+    ok_entries = [e for e, good in zip(entries, ok.tolist()) if good]
+    ok_scores = scores[ok]
+
+    if any(e.labels for e in entries) and len(ok_entries):
+        onehot = labels_to_onehot(ok_entries, len(vocab.names))
+        f1, p, r = f1_overall(ok_scores, onehot, vocab.dataset.label_rel_threshold)
+        print(format_metrics(mean_average_precision(ok_scores, onehot), f1, p, r), end="")
+
+    label_path = Path(args.output_dir) / vocab.label_file
+    print(f">>>writing to {label_path}")
+    lines = label_file_lines([e.id for e in ok_entries], ok_scores, vocab.dataset.label_rel_threshold)
+    write_text_atomic(label_path, "".join(line + "\n" for line in lines))
+    if args.scores_out:
+        write_scores(args.scores_out, [e.id for e in ok_entries], vocab.names, ok_scores)
+        print(f">>>scores written to {args.scores_out}")
+    if failures:
+        print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
+        for err in failures:
+            print(f"  {err}", file=sys.stderr)
+        return EXIT_SKIPPED_IMAGES
+    return 0
+
+
+def guarded(run, args) -> int:
+    """Run a command; bad input becomes one ``error:`` line and exit status 2."""
+    try:
+        return run(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except ValueError as err:  # invalid option values from the library (e.g. batch size)
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+
+
+def classify_main(argv: Optional[Sequence[str]] = None) -> int:
+    return guarded(run_classify, classify_parser().parse_args(argv))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``tagclip {classify,tag,demo} ...``"""
+    p = argparse.ArgumentParser(prog="tagclip", description="TagCLIP: open-vocabulary image tagging with CLIP")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("classify", help="classify.py: the paper's classification run", add_help=False)
+    tag = sub.add_parser("tag", help="tag every image in a folder with your own class names")
+    tag.add_argument("img_root", help="image folder")
+    tag.add_argument("--dataset", default="voc2007", choices=list(DATASETS),
+                     help="thresholds to use (and the vocabulary when --classes is not given)")
+    add_run_arguments(tag)
+    demo = sub.add_parser("demo", help="tag the bundled sample images with the VOC and COCO vocabularies")
+    from .demo import add_demo_arguments, run_demo
+    add_demo_arguments(demo)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["classify"]:
+        return classify_main(argv[1:])
+    args = p.parse_args(argv)
+    if args.command == "tag":
+        args.split_file, args.save_file = None, False
+        return guarded(run_classify, args)
+    return guarded(run_demo, args)
