@@ -40,8 +40,11 @@ class LayerNorm(nn.LayerNorm):
 
 
 class QuickGELU(nn.Module):
+    """x · sigmoid(1.702 x); one temporary instead of three, same values."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(QUICK_GELU_ALPHA * x)
+        gate = torch.mul(x, QUICK_GELU_ALPHA).sigmoid_()
+        return gate.mul_(x) if not torch.is_grad_enabled() else x * gate
 
 
 class Attention(nn.Module):

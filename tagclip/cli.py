@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import InputError
+from .journal import ScoreJournal, run_key
 from .images import DEFAULT_MAX_SIDE, iter_image_files, load_model_input
 from .labels import SplitEntry, label_file_lines, label_file_name, labels_to_onehot, read_split, \
     write_scores, write_text_atomic
@@ -132,15 +133,32 @@ def _load_chunk(paths: Sequence[Path], args) -> list:
     return out
 
 
-def score_images(tagger: Tagger, paths: Sequence[Path], args) -> tuple[torch.Tensor, list[InputError]]:
-    """(n, N) scores (NaN rows for failed images) and the failures. Decoding of the next
-    chunk overlaps the model's work on the current one."""
+def score_images(tagger: Tagger, ids: Sequence[str], paths: Sequence[Path], args,
+                 journal: Optional[ScoreJournal] = None) -> tuple[torch.Tensor, list[int], list[InputError]]:
+    """(n, N) scores (NaN rows for failed images), the indices of failed images and their errors.
+
+    Rows already in ``journal`` are reused; new rows are appended to it as each chunk
+    finishes, so a killed run resumes where it stopped. Decoding of the next chunk overlaps
+    the model's work on the current one.
+    """
     scores = torch.full((len(paths), len(tagger.class_names)), float("nan"))
+    done = journal.load() if journal else {}
+    todo = []
+    for i, image_id in enumerate(ids):
+        if image_id in done:
+            scores[i] = torch.from_numpy(done[image_id])
+        else:
+            todo.append(i)
+    if journal:
+        wanted = set(ids)
+        journal.start({k: v for k, v in done.items() if k in wanted})
+    failed: list[int] = []
     failures: list[InputError] = []
     step = max(1, args.batch_size)
-    chunks = [list(range(s, min(s + step, len(paths)))) for s in range(0, len(paths), step)]
+    chunks = [todo[s:s + step] for s in range(0, len(todo), step)]
     with ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(total=len(paths), unit="img", desc="classify", file=sys.stderr) as bar:
+            tqdm(total=len(paths), initial=len(paths) - len(todo), unit="img", desc="classify",
+                 file=sys.stderr) as bar:
         pending = pool.submit(_load_chunk, [paths[i] for i in chunks[0]], args) if chunks else None
         for k, idx in enumerate(chunks):
             loaded = pending.result()
@@ -151,13 +169,17 @@ def score_images(tagger: Tagger, paths: Sequence[Path], args) -> tuple[torch.Ten
                 if isinstance(item, InputError):
                     if args.on_error == "stop":
                         raise item
+                    failed.append(i)
                     failures.append(item)
                 else:
                     good.append((i, item))
             if good:
-                scores[[i for i, _ in good]] = tagger.scores([t for _, t in good])
+                rows = tagger.scores([t for _, t in good])
+                scores[[i for i, _ in good]] = rows
+                if journal:
+                    journal.append([ids[i] for i, _ in good], rows.numpy())
             bar.update(len(idx))
-    return scores, failures
+    return scores, failed, failures
 
 
 def run_classify(args) -> int:
@@ -179,9 +201,16 @@ def run_classify(args) -> int:
     tagger = Tagger(model, vocab.names, vocab.background,
                     params=vocab.dataset.params, label_threshold=vocab.dataset.label_rel_threshold,
                     use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
-    scores, failures = score_images(tagger, paths, args)
-    ok = ~torch.isnan(scores).any(dim=1)
-    ok_entries = [e for e, good in zip(entries, ok.tolist()) if good]
+    label_path = Path(args.output_dir) / vocab.label_file
+    journal = ScoreJournal(label_path.with_name(f".{label_path.name}.journal"), run_key(
+        checkpoint=model.checkpoint_sha256, names=vocab.names, background=vocab.background,
+        params=vocab.dataset.params, exif=args.exif_transpose, max_side=args.max_side,
+        split=args.split_file and str(Path(args.split_file).resolve()), root=str(Path(args.img_root).resolve())),
+        len(vocab.names))
+    scores, failed, failures = score_images(tagger, [e.id for e in entries], paths, args, journal)
+    failed_set = set(failed)
+    ok = [i for i in range(len(entries)) if i not in failed_set]
+    ok_entries = [entries[i] for i in ok]
     ok_scores = scores[ok]
 
     if any(e.labels for e in entries) and len(ok_entries):
@@ -189,18 +218,18 @@ def run_classify(args) -> int:
         f1, p, r = f1_overall(ok_scores, onehot, vocab.dataset.label_rel_threshold)
         print(format_metrics(mean_average_precision(ok_scores, onehot), f1, p, r), end="")
 
-    label_path = Path(args.output_dir) / vocab.label_file
     print(f">>>writing to {label_path}")
     lines = label_file_lines([e.id for e in ok_entries], ok_scores, vocab.dataset.label_rel_threshold)
     write_text_atomic(label_path, "".join(line + "\n" for line in lines))
     if args.scores_out:
         write_scores(args.scores_out, [e.id for e in ok_entries], vocab.names, ok_scores)
         print(f">>>scores written to {args.scores_out}")
-    if failures:
+    if failures:  # the journal stays: a rerun only retries the failed images
         print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
         for err in failures:
             print(f"  {err}", file=sys.stderr)
         return EXIT_SKIPPED_IMAGES
+    journal.remove()  # outputs are complete; a rerun starts afresh
     return 0
 
 

@@ -1,0 +1,179 @@
+"""Benchmark TagCLIP classification end to end on a full-size random ViT-B/16.
+
+    python benchmarks/bench_classify.py [--n 8] [--device cpu] [--batch_size 8]
+
+Builds a ViT-B/16 with random float16 weights from a seed (no download), writes N synthetic
+500×375 JPEGs and a VOC split file, then measures:
+
+* cold start: ``classify.py`` in a fresh process with an empty text-feature cache
+  (imports, checkpoint load, 45×85-prompt text ensemble, all images);
+* warm start: the same command again, text features now cached;
+* in-process: text ensemble alone, and seconds per image with text cached, split into the
+  main pass and the crop re-classification forwards;
+* peak memory (host RSS; CUDA peak when on a GPU); and that scores with ``--batch_size``
+  equal scores with batch size 1 (float rounding only).
+
+Ratios are printed against the authors' code on the same machine kind
+(``shared/golden/REFERENCE_TIMING.md``: 8 images, 500×375, 2 CPU cores, float32).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from random_clip import random_state_dict  # noqa: E402
+
+import clip  # noqa: E402
+from tagclip import Tagger, get_dataset  # noqa: E402
+from tagclip.images import load_model_input  # noqa: E402
+from tagclip.method import classify_batch, self_only_masks  # noqa: E402
+
+# The authors' code on this machine kind (REFERENCE_TIMING.md / bench_vitb16_cpu.json).
+REF_COLD_START_S = 187.0          # whole process, 8 images, including model build
+REF_TEXT_S = 173.8                # 45 classes × 85 prompts
+REF_PER_IMAGE_S = 1.29            # median per image after the text ensemble
+REF_MAIN_FORWARD_S = 0.85         # median main forward, 768 patches
+REF_CROP_FORWARD_S = 0.20         # median crop forward, 224×224
+REF_CROPS_PER_IMAGE = 18 / 8
+IMAGE_WH = (500, 375)
+DATASET = "voc2007"
+
+
+def make_images(folder: Path, n: int, seed: int) -> list[str]:
+    """Smooth random colour fields with a few bright rectangles, saved as JPEG."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for i in range(n):
+        low = rng.uniform(0, 255, size=(6, 8, 3)).astype(np.uint8)
+        img = np.asarray(Image.fromarray(low).resize(IMAGE_WH, Image.Resampling.BICUBIC)).copy()
+        for _ in range(rng.integers(1, 4)):
+            x0, y0 = rng.integers(0, IMAGE_WH[0] - 100), rng.integers(0, IMAGE_WH[1] - 100)
+            w, h = rng.integers(40, 200), rng.integers(40, 150)
+            img[y0:y0 + h, x0:x0 + w] = rng.integers(0, 255, size=3)
+        ids.append(f"bench_{i:03d}")
+        Image.fromarray(img).save(folder / f"{ids[-1]}.jpg", quality=90)
+    return ids
+
+
+def run_cli(args: list[str], cache: Path) -> tuple[float, str]:
+    env = dict(os.environ, TAGCLIP_CACHE=str(cache))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "classify.py"), *args], env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"classify.py failed:\n{proc.stderr[-2000:]}")
+    return wall, proc.stdout
+
+
+def peak_rss_mb(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=8, help="number of images (default 8, as the reference timing)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--workdir", default=None, help="keep files here (default: a temporary folder)")
+    p.add_argument("--skip_cold", action="store_true", help="skip the two subprocess runs")
+    args = p.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_classify_"))
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "vitb16_random_fp16.pt"
+    t0 = time.perf_counter()
+    if not ckpt.exists():
+        torch.save(random_state_dict(args.seed), ckpt)
+    print(f"random ViT-B/16 checkpoint: {ckpt} ({time.perf_counter() - t0:.1f} s to make)")
+    ids = make_images(work / "JPEGImages", args.n, args.seed)
+    rng = np.random.default_rng(args.seed)
+    split = work / "split.txt"
+    split.write_text("".join(f"{i} {' '.join(map(str, sorted(rng.choice(20, 2, replace=False))))}\n" for i in ids))
+    cli = ["--dataset", DATASET, "--img_root", str(work / "JPEGImages"), "--split_file", str(split),
+           "--model_path", str(ckpt), "--device", args.device, "--batch_size", str(args.batch_size),
+           "--output_dir", str(work / "output"), "--scores_out", str(work / "scores.npy")]
+
+    rows = []
+    if not args.skip_cold:
+        cache = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
+        cold, _ = run_cli(cli, cache)
+        warm, _ = run_cli(cli, cache)
+        rows.append(("cold start, whole process (s)", cold, REF_COLD_START_S * args.n / 8))
+        rows.append(("warm start, text cached (s)", warm, None))
+        child_rss = peak_rss_mb(resource.RUSAGE_CHILDREN)
+
+    device = torch.device(args.device)
+    model = clip.load(str(ckpt), device=device)
+    cfg = get_dataset(DATASET)
+    names = list(cfg.class_names) + list(cfg.background)
+    t0 = time.perf_counter()
+    from tagclip.text_features import encode_prompt_ensemble
+    encode_prompt_ensemble(model, names, clip.TAGCLIP_TEMPLATES)
+    text_s = time.perf_counter() - t0
+    rows.append(("text ensemble, 45 x 85 prompts (s)", text_s, REF_TEXT_S))
+
+    tagger = Tagger.for_dataset(model, DATASET, batch_size=args.batch_size,
+                                text_cache_dir=work / "text_cache")
+    images = [load_model_input(work / "JPEGImages" / f"{i}.jpg")[0] for i in ids]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tagger.scores(images[:1])  # warm-up (allocator, kernels)
+    sync()
+    t0 = time.perf_counter()
+    batched = tagger.scores(images)
+    sync()
+    per_image = (time.perf_counter() - t0) / args.n
+
+    # Breakdown at batch size 1: main pass alone, and the number of crops.
+    with torch.no_grad():
+        x = images[0][None].to(device)
+        masks = self_only_masks(12, x.shape[-2] // 16 * x.shape[-1] // 16 + 1, cfg.params.self_mask_value,
+                                device=device)
+        sync()
+        t0 = time.perf_counter()
+        model.visual(x, masks, need_weights=True)
+        sync()
+        main_s = time.perf_counter() - t0
+    single = torch.cat([classify_batch(model, im[None].to(device), tagger.text, 20, cfg.params).scores.cpu()
+                        for im in images])
+    n_crops = sum(len(classify_batch(model, im[None].to(device), tagger.text, 20, cfg.params).crops)
+                  for im in images)
+    ref_equiv = REF_MAIN_FORWARD_S + n_crops / args.n * REF_CROP_FORWARD_S
+    rows.append(("per image, text cached (s)", per_image, REF_PER_IMAGE_S))
+    rows.append(("  main forward, batch 1 (s)", main_s, REF_MAIN_FORWARD_S))
+
+    print(f"\n{args.n} images {IMAGE_WH[0]}x{IMAGE_WH[1]}, device {args.device}, "
+          f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}")
+    print(f"{'measure':<40}{'ours':>10}{'reference':>12}{'speed-up':>10}")
+    for name, ours, ref in rows:
+        ratio = f"{ref / ours:9.2f}x" if ref else ""
+        print(f"{name:<40}{ours:>10.3f}{ref if ref else float('nan'):>12.3f}{ratio:>10}")
+    print(f"crops per image: ours {n_crops / args.n:.2f}, reference {REF_CROPS_PER_IMAGE:.2f}; "
+          f"reference time at our crop count {ref_equiv:.3f} s/image -> speed-up {ref_equiv / per_image:.2f}x")
+    print(f"scores, batch {args.batch_size} vs batch 1: max abs diff {float((batched - single).abs().max()):.2e}")
+    print(f"peak host RSS: this process {peak_rss_mb(resource.RUSAGE_SELF):.0f} MB"
+          + (f", classify.py runs {child_rss:.0f} MB" if not args.skip_cold else ""))
+    if device.type == "cuda":
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
