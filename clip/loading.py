@@ -164,7 +164,8 @@ def _fetch(url: str, target: pathlib.Path, cache_dir: pathlib.Path) -> None:
         part.unlink(missing_ok=True)
         plain_url_error = isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError)
         reason = exc.reason if plain_url_error else exc
-        raise InputError(target, f"not found and could not be downloaded from {url} ({reason}); {hint}") from None
+        state = "has the wrong SHA256" if target.is_file() else "not found"
+        raise InputError(target, f"{state} and could not be downloaded from {url} ({reason}); {hint}") from None
     except BaseException:
         part.unlink(missing_ok=True)
         raise

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import InputError
-from .journal import ScoreJournal, run_key
+from .journal import ScoreJournal, file_stamp, run_key
 from .images import DEFAULT_MAX_SIDE, iter_image_files, load_model_input
 from .labels import SplitEntry, label_file_lines, label_file_name, labels_to_onehot, read_split, \
     write_scores, write_text_atomic
@@ -143,15 +143,16 @@ def score_images(tagger: Tagger, ids: Sequence[str], paths: Sequence[Path], args
     """
     scores = torch.full((len(paths), len(tagger.class_names)), float("nan"))
     done = journal.load() if journal else {}
-    todo = []
+    stamps = [file_stamp(p) for p in paths] if journal else []
+    todo, kept = [], {}
     for i, image_id in enumerate(ids):
-        if image_id in done:
-            scores[i] = torch.from_numpy(done[image_id])
+        if image_id in done and done[image_id][0] == stamps[i]:
+            kept[image_id] = done[image_id]
+            scores[i] = torch.from_numpy(done[image_id][1])
         else:
             todo.append(i)
     if journal:
-        wanted = set(ids)
-        journal.start({k: v for k, v in done.items() if k in wanted})
+        journal.start(kept)
     failed: list[int] = []
     failures: list[InputError] = []
     step = max(1, args.batch_size)
@@ -177,7 +178,7 @@ def score_images(tagger: Tagger, ids: Sequence[str], paths: Sequence[Path], args
                 rows = tagger.scores([t for _, t in good])
                 scores[[i for i, _ in good]] = rows
                 if journal:
-                    journal.append([ids[i] for i, _ in good], rows.numpy())
+                    journal.append([ids[i] for i, _ in good], [stamps[i] for i, _ in good], rows.numpy())
             bar.update(len(idx))
     return scores, failed, failures
 
@@ -205,6 +206,7 @@ def run_classify(args) -> int:
     journal = ScoreJournal(label_path.with_name(f".{label_path.name}.journal"), run_key(
         checkpoint=model.checkpoint_sha256, names=vocab.names, background=vocab.background,
         params=vocab.dataset.params, exif=args.exif_transpose, max_side=args.max_side,
+        device=torch.device(device).type,
         split=args.split_file and str(Path(args.split_file).resolve()), root=str(Path(args.img_root).resolve())),
         len(vocab.names))
     scores, failed, failures = score_images(tagger, [e.id for e in entries], paths, args, journal)
@@ -270,3 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.split_file, args.save_file = None, False
         return guarded(run_classify, args)
     return guarded(run_demo, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

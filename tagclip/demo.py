@@ -9,7 +9,6 @@ from .tagger import Tagger
 
 SAMPLES_DIR = Path(__file__).with_name("samples")
 DEMO_DATASETS = ("voc2007", "coco2014")
-TOP_K = 3  # tags printed per image besides the ones above the threshold
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,12 +10,12 @@ from types import MappingProxyType
 from typing import Mapping, Optional
 
 from .method import TagCLIPParams
+from .metrics import REL_THRESHOLD_COCOSTUFF, REL_THRESHOLD_DEFAULT
 from .vocab import (COCO_BACKGROUND, COCO_CLASSES, COCO_STUFF_182_TO_171, COCO_STUFF_CLASSES,
                     VOC_BACKGROUND, VOC_CLASSES)
 
-# SPEC §3.8 / §4 / Q7: relative thresholds for crop candidates, F1 and label files.
-REL_THRESHOLD = 0.5
-REL_THRESHOLD_COCOSTUFF = 0.1
+# SPEC §3.8 / §4 / Q7: one relative threshold for crop candidates, F1 and label files.
+REL_THRESHOLD = REL_THRESHOLD_DEFAULT
 # SPEC §3.4: blocks averaged into the refinement matrix.
 REFINE_LAYERS = (8, 9, 10)
 REFINE_LAYERS_COCOSTUFF = tuple(range(11))

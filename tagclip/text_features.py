@@ -88,22 +88,25 @@ def class_embeddings(model: CLIP, names: Sequence[str], templates: Sequence[str]
     device = next(model.parameters()).device
     sha = getattr(model, "checkpoint_sha256", None)
     path = None
+    rows = None
     if use_cache and sha:
         path = Path(cache_dir or default_text_cache_dir()) / f"{cache_key(sha, names, templates)}.npy"
         if path.is_file():
             try:
                 cached = np.load(path, allow_pickle=False)
                 if cached.shape == (len(names), model.text_projection.shape[1]):
-                    return torch.from_numpy(cached).to(device)
+                    rows = torch.from_numpy(cached)
             except (OSError, ValueError):
                 pass
-            log.warning("ignoring unreadable text-feature cache %s", path)
-    rows = encode_prompt_ensemble(model, names, templates)
-    if path is not None:
-        try:
-            _save_atomic(path, rows.numpy())
-        except OSError as err:  # a read-only cache must not stop a run
-            log.warning("could not write text-feature cache %s: %s", path, err)
+            if rows is None:
+                log.warning("ignoring unreadable text-feature cache %s", path)
+    if rows is None:
+        rows = encode_prompt_ensemble(model, names, templates)
+        if path is not None:
+            try:
+                _save_atomic(path, rows.numpy())
+            except OSError as err:  # a read-only cache must not stop a run
+                log.warning("could not write text-feature cache %s: %s", path, err)
     # The reference normalises the ensemble rows once more before use (SPEC §3).
     rows = rows / rows.norm(dim=-1, keepdim=True)
     return rows.to(device)

@@ -1,0 +1,6 @@
+"""``python -m tagclip`` = the ``tagclip`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

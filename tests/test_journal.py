@@ -1,0 +1,91 @@
+"""Resume journal: exact round trip, torn lines, key changes, and resumed CLI runs."""
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tagclip.cli import classify_main
+from tagclip.journal import ScoreJournal, file_stamp, run_key
+
+FIXTURES = Path(__file__).parent / "fixtures" / "golden"
+TINY = FIXTURES / "tiny_clip_fp16.npz"
+
+
+def test_round_trip_is_exact_and_torn_tail_ignored(tmp_path):
+    j = ScoreJournal(tmp_path / "j", "k1", 3)
+    rows = np.array([[0.1, 1e-30, 0.3333333], [np.float32(2) / 3, 0.0, 1.0]], dtype=np.float32)
+    j.start({})
+    j.append(["a", "b"], ["1:2", "3:4"], rows)
+    with open(j.path, "a") as f:
+        f.write("c\t5:6\t0x1.0p+0 0x1")  # torn write: no newline
+    done = j.load()
+    assert list(done) == ["a", "b"]
+    assert done["b"][0] == "3:4"
+    assert np.array_equal(done["a"][1], rows[0]) and np.array_equal(done["b"][1], rows[1])
+    assert ScoreJournal(j.path, "other-key", 3).load() == {}
+    assert ScoreJournal(j.path, "k1", 4).load() == {}
+
+
+def test_run_key_depends_on_settings():
+    assert run_key(a=1, b=[1, 2]) == run_key(b=[1, 2], a=1)
+    assert run_key(a=1) != run_key(a=2)
+
+
+@pytest.fixture()
+def voc_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAGCLIP_CACHE", str(tmp_path / "cache"))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    ids = []
+    for i, (w, h) in enumerate([(64, 48), (48, 64), (64, 48), (32, 32)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(imgs / f"im{i}.jpg")
+        ids.append(f"im{i}")
+    split = tmp_path / "split.txt"
+    split.write_text("".join(f"{i} {k % 20}\n" for k, i in enumerate(ids)))
+    out = tmp_path / "out"
+    argv = ["--img_root", str(imgs), "--split_file", str(split), "--model_path", str(TINY),
+            "--output_dir", str(out), "--scores_out", str(tmp_path / "s.npy"), "--device", "cpu",
+            "--batch_size", "2"]
+    return argv, out, imgs, tmp_path
+
+
+def test_resumed_run_reuses_finished_rows_and_redoes_changed_images(voc_run, capsys):
+    argv, out, imgs, tmp = voc_run
+    assert classify_main(argv) == 0
+    full = np.load(tmp / "s.npy")
+    journal = out / ".voc2007_val_tagclip.txt.journal"
+    assert not journal.exists()  # a finished run leaves no journal
+
+    # Leave the journal an interrupted run would leave, keyed by the CLI itself: a run with an
+    # unreadable im3 keeps its journal (im0..im2) so that a rerun only retries im3.
+    shutil.copy(imgs / "im3.jpg", tmp / "im3.bak")
+    (imgs / "im3.jpg").write_bytes(b"not a jpeg")
+    assert classify_main(argv + ["--on_error", "skip"]) == 1
+    assert journal.exists()
+    header, *lines = journal.read_text().splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == ["im0", "im1", "im2"]
+    # Mark im0's and im1's journaled scores so reuse is visible, then change im1 on disk.
+    for k in (0, 1):
+        parts = lines[k].split("\t")
+        parts[2] = " ".join(["0x1.0p-1"] * 20)
+        lines[k] = "\t".join(parts)
+    journal.write_text("\n".join([header, *lines]) + "\n")
+    shutil.copy(tmp / "im3.bak", imgs / "im3.jpg")
+    st = os.stat(imgs / "im1.jpg")
+    os.utime(imgs / "im1.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert classify_main(argv) == 0
+    resumed = np.load(tmp / "s.npy")
+    assert np.all(resumed[0] == 0.5)                 # reused from the journal
+    assert np.array_equal(resumed[1:], full[1:])     # im1 redone (stamp changed), im2 reused, im3 new
+    assert not journal.exists()
+
+
+def test_file_stamp(tmp_path):
+    f = tmp_path / "x"
+    assert file_stamp(f) == "missing"
+    f.write_bytes(b"abc")
+    assert file_stamp(f).startswith("3:")
