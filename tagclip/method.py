@@ -239,28 +239,50 @@ class TagCLIPOutput(NamedTuple):
     crops: list[CropJob]
 
 
+def _chunks(n: int, size: Optional[int]) -> list[slice]:
+    size = n if not size else size
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
 @torch.no_grad()
-def classify_batch(model: CLIP, images: torch.Tensor, text: torch.Tensor, n_foreground: int,
-                   params: TagCLIPParams = TagCLIPParams()) -> TagCLIPOutput:
-    """Run SPEC §3 on (B, 3, H, W) normalised images of one size; text is T (C, E)."""
+def local_pass(model: CLIP, images: torch.Tensor, text: torch.Tensor,
+               params: TagCLIPParams) -> tuple[torch.Tensor, ...]:
+    """Steps 1-6 on (B, 3, H, W) images of one size: (S, R, S₁, S₂)."""
     visual = model.visual
     patch = visual.patch_size
     grid = (images.shape[-2] // patch, images.shape[-1] // patch)
-    n_tokens = 1 + grid[0] * grid[1]
-    masks = self_only_masks(visual.transformer.layers, n_tokens, params.self_mask_value,
+    masks = self_only_masks(visual.transformer.layers, 1 + grid[0] * grid[1], params.self_mask_value,
                             device=images.device, dtype=images.dtype)
     out = visual(images, masks, need_weights=True)
     coarse = coarse_scores(out.tokens, text, model.logit_scale)
     maps = patch_maps(out.attentions)
     refine = refinement_matrix(maps, params.refine_layers, attention_vote(maps, params.vote_min_layers))
-    del maps
+    del maps, out
     attn_refined = attention_refine(refine, coarse)
-    local = box_refine(refine, coarse, attn_refined, grid)
+    return coarse, refine, attn_refined, box_refine(refine, coarse, attn_refined, grid)
+
+
+@torch.no_grad()
+def classify_batch(model: CLIP, images: torch.Tensor, text: torch.Tensor, n_foreground: int,
+                   params: TagCLIPParams = TagCLIPParams(), main_chunk: Optional[int] = None,
+                   crop_chunk: Optional[int] = None) -> TagCLIPOutput:
+    """Run SPEC §3 on (B, 3, H, W) normalised images of one size; text is T (C, E).
+
+    The main pass runs ``main_chunk`` images at a time and the crops of the whole batch
+    ``crop_chunk`` at a time (None: all at once). Results do not depend on the chunking
+    beyond float rounding; CPUs are fastest with one image per main pass.
+    """
+    visual = model.visual
+    patch = visual.patch_size
+    grid = (images.shape[-2] // patch, images.shape[-1] // patch)
+    parts = [local_pass(model, images[s], text, params) for s in _chunks(len(images), main_chunk)]
+    coarse, refine, attn_refined, local = (torch.cat(t) if len(parts) > 1 else t[0] for t in zip(*parts))
     scores = local_scores(local, n_foreground)
     jobs = plan_crops(local, scores, grid, params.crop_rel_threshold, params.crop_mask_threshold)
     final = scores
     if jobs:
         crops, regions = crop_inputs(images, jobs, patch, visual.input_resolution, visual.native_grid)
-        probs = crop_probabilities(model, crops, regions, text, params)
+        probs = torch.cat([crop_probabilities(model, crops[s], regions[s], text, params)
+                           for s in _chunks(len(jobs), crop_chunk)])
         final = fuse(scores, jobs, probs, params.crop_fusion_weight)
     return TagCLIPOutput(final, scores, coarse, refine, attn_refined, local, jobs)

@@ -25,9 +25,13 @@ from .method import TagCLIPParams, classify_batch
 from .registry import REL_THRESHOLD, DatasetConfig, get_dataset
 from .text_features import class_embeddings
 
-# Images per main-pass batch (same-size images only). Memory grows with it: every image
-# keeps 12 head-averaged (1+P)² attention maps during its pass.
+# Images per batch (same-size images only). Memory grows with it: every image keeps 12
+# head-averaged (1+P)² attention maps during its main pass.
 DEFAULT_BATCH_SIZE = 8
+# On a CPU one image's attention scores stay in cache, a batch's do not: the main pass then
+# runs image by image, while the batch's crops (224×224) still share forwards of this size.
+CPU_MAIN_CHUNK = 1
+CPU_CROP_CHUNK = 8
 
 
 def batch_by_size(shapes: Sequence[tuple[int, ...]], batch_size: int) -> list[list[int]]:
@@ -77,7 +81,10 @@ class Tagger:
         out = torch.empty(len(images), len(self.class_names), dtype=torch.float32)
         for idx in batch_by_size([im.shape for im in images], self.batch_size):
             batch = torch.stack([images[i] for i in idx]).to(self.device, non_blocking=True)
-            res = classify_batch(self.model, batch, self.text, len(self.class_names), self.params)
+            on_cpu = self.device.type == "cpu"
+            res = classify_batch(self.model, batch, self.text, len(self.class_names), self.params,
+                                 main_chunk=CPU_MAIN_CHUNK if on_cpu else None,
+                                 crop_chunk=CPU_CROP_CHUNK if on_cpu else None)
             out[idx] = res.scores.float().cpu()
         return out
 
