@@ -65,3 +65,49 @@ COCO_STUFF_182_TO_171 = {
     fine: i for i, fine in enumerate(f for f in range(len(COCO_STUFF_182)) if f not in COCO_STUFF_UNUSED)
 }
 COCO_STUFF_CLASSES = tuple(COCO_STUFF_182[f] for f in COCO_STUFF_182_TO_171)
+
+# SPEC §8: CAM-stage synonyms (CLIP-ES), replacing the classification name at the same index.
+VOC_CAM_SYNONYMS = {
+    "bird": "bird avian", "chair": "chair seat", "person": "person with clothes,people,human",
+    "tvmonitor": "tvmonitor screen",
+}
+COCO_CAM_SYNONYMS = {
+    "person": "person with clothes,people,human", "bird": "bird avian", "backpack": "backpack,bag",
+    "umbrella": "umbrella,parasol", "handbag": "handbag,purse", "tie": "necktie",
+    "snowboard": "sknowboard",  # sic: the reference's spelling, kept for parity
+    "baseball glove": "glove", "spoon": "dessertspoon", "chair": "chair seat",
+    "tvmonitor": "tvmonitor screen", "remote": "remote control", "hair drier": "hairdrier,blowdrier",
+}
+VOC_CAM_CLASSES = tuple(VOC_CAM_SYNONYMS.get(n, n) for n in VOC_CLASSES)
+COCO_CAM_CLASSES = tuple(COCO_CAM_SYNONYMS.get(n, n) for n in COCO_CLASSES)
+# SPEC §5: COCO-Stuff CAMs compete with one background word.
+COCO_STUFF_CAM_BACKGROUND = ("background",)
+
+# SPEC §5: COCO-Stuff CAM-stage names: the 171 classes with the CLIP-ES synonyms.
+COCO_STUFF_CAM_SYNONYMS = {
+    "person": "person with clothes,people,human", "airplane": "aeroplane", "bird": "bird avian",
+    "backpack": "backpack,bag", "umbrella": "umbrella,parasol", "handbag": "handbag,purse",
+    "tie": "necktie", "baseball glove": "glove", "spoon": "dessertspoon", "chair": "chair seat",
+    "tv": "tvmonitor screen", "remote": "remote control", "hair drier": "hairdrier,blowdrier",
+}
+COCO_STUFF_CAM_CLASSES = tuple(COCO_STUFF_CAM_SYNONYMS.get(n, n) for n in COCO_STUFF_CLASSES)
+
+# SPEC §6: the official COCO-Stuff coarse classes (27) and the fine-182 -> coarse-27 mapping.
+COCO_STUFF_COARSE = (
+    "electronic", "appliance", "food things", "furniture things", "indoor", "kitchen",
+    "accessory", "animal", "outdoor", "person", "sports", "vehicle", "ceiling", "floor",
+    "food stuff", "furniture stuff", "raw material", "textile", "wall", "window", "building",
+    "ground", "plant", "sky", "solid", "structural", "water",
+)
+COCO_STUFF_182_TO_27 = (
+    9, 11, 11, 11, 11, 11, 11, 11, 11, 8, 8, 8, 8, 8, 8, 7, 7, 7, 7, 7, 7, 7, 7, 7,
+    7, 6, 6, 6, 6, 6, 6, 6, 6, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 5, 5, 5, 5, 5,
+    5, 5, 5, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 0,
+    0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 4, 4, 4, 17, 17, 22, 20, 20,
+    22, 15, 25, 16, 13, 12, 12, 17, 17, 23, 15, 15, 17, 15, 21, 15, 25, 13, 13, 13, 13, 13, 22, 26,
+    14, 14, 15, 22, 21, 21, 24, 20, 22, 15, 17, 16, 15, 22, 24, 21, 17, 25, 16, 21, 17, 22, 16, 21,
+    21, 25, 21, 26, 21, 24, 20, 17, 14, 21, 26, 15, 23, 20, 21, 24, 15, 24, 22, 25, 15, 20, 17, 17,
+    22, 14, 18, 18, 18, 18, 18, 18, 18, 26, 26, 19, 19, 24,
+)
+# 171-index class -> coarse class.
+COCO_STUFF_171_TO_27 = tuple(COCO_STUFF_182_TO_27[f] for f in COCO_STUFF_182_TO_171)
