@@ -190,3 +190,26 @@ def smooth_random_image(seed: int, height: int, width: int) -> torch.Tensor:
     img = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
     img = img + 0.2 * torch.randn(1, 3, height, width, generator=g)
     return img[0].contiguous()
+
+
+class _Node(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def save_torchscript(state: dict, path) -> None:
+    """A scripted module tree whose parameters carry exactly ``state``'s dotted (OpenAI) names,
+    the layout of OpenAI's TorchScript checkpoints."""
+    import warnings
+    root = _Node()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        node = root
+        for part in parents:
+            if part not in node._modules:
+                node.add_module(part, _Node())
+            node = node._modules[part]
+        node.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
+    with warnings.catch_warnings():  # scripting is deprecated upstream; only used to make fixtures
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(root).save(str(path))

@@ -9,16 +9,15 @@ import os
 import pathlib
 import urllib.error
 import urllib.request
-import warnings
 import zipfile
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from clip import loading
 from tagclip.errors import InputError
+from helpers import save_torchscript
 
 NESTED_KEY = "visual.transformer.resblocks.0.attn.in_proj_weight"
 FAKE_NAME = "Fake-ViT/1"
@@ -59,25 +58,6 @@ def state() -> dict[str, torch.Tensor]:
     }
 
 
-class _Node(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _save_torchscript(state: dict[str, torch.Tensor], path: pathlib.Path) -> None:
-    """Build a module tree whose parameters carry exactly ``state``'s dotted names, script and save it."""
-    root = _Node()  # scripted in-process only to produce an archive; its deprecation is not ours
-    for key, value in state.items():
-        *parents, leaf = key.split(".")
-        node = root
-        for part in parents:
-            if part not in node._modules:
-                node.add_module(part, _Node())
-            node = node._modules[part]
-        node.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(root).save(str(path))
 
 
 def _write(kind: str, state: dict[str, torch.Tensor], path: pathlib.Path) -> pathlib.Path:
@@ -89,7 +69,7 @@ def _write(kind: str, state: dict[str, torch.Tensor], path: pathlib.Path) -> pat
         with open(path, "wb") as f:  # a file object, so np.savez keeps the name as given
             np.savez(f, **{k: v.numpy() for k, v in state.items()})
     elif kind == "torchscript":
-        _save_torchscript(state, path)
+        save_torchscript(state, path)
     return path
 
 

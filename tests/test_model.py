@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import clip
 import helpers
@@ -17,6 +15,7 @@ from clip import build_model, tokenize
 from clip.model import Attention, ResidualAttentionBlock
 from tagclip.errors import InputError
 from tagclip.method import region_masks, self_only_masks
+from helpers import save_torchscript
 
 ATOL = 1e-5
 WEIGHTS_ATOL = 1e-6
@@ -316,25 +315,6 @@ def test_load_reports_a_missing_key_as_input_error(tmp_path):
 
 # ----------------------------------------------------------------------------- checkpoint formats
 
-class _Node(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _save_torchscript(state: dict, path) -> None:
-    """A scripted module tree whose parameters carry exactly the OpenAI key names."""
-    root = _Node()
-    for key, value in state.items():
-        *parents, leaf = key.split(".")
-        node = root
-        for part in parents:
-            if part not in node._modules:
-                node.add_module(part, _Node())
-            node = node._modules[part]
-        node.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(root).save(str(path))
 
 
 def _save(kind: str, state: dict, path) -> None:
@@ -344,7 +324,7 @@ def _save(kind: str, state: dict, path) -> None:
         with open(path, "wb") as f:
             np.savez(f, **{k: v.numpy() for k, v in state.items()})
     else:
-        _save_torchscript(state, path)
+        save_torchscript(state, path)
 
 
 def test_checkpoint_formats_give_identical_models(tmp_path):
