@@ -33,6 +33,7 @@ def run_demo(args) -> int:
         print(f"\n{dataset} vocabulary ({len(tagger.class_names)} classes, "
               f"{len(tagger.background)} background words) on {device}")
         for (image_id, name), row, labels in zip(files, scores, tagger.labels(scores)):
-            tags = ", ".join(f"{tagger.class_names[c]} {row[c]:.3f}" for c in labels)
+            best_first = sorted(labels, key=lambda c: -float(row[c]))
+            tags = ", ".join(f"{tagger.class_names[c]} {row[c]:.3f}" for c in best_first)
             print(f"  {name:<16} {tags}")
     return 0

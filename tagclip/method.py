@@ -168,7 +168,7 @@ def plan_crops(local: torch.Tensor, scores: torch.Tensor, grid: tuple[int, int],
     the whole plan is fixed before any crop runs.
     """
     gh, gw = grid
-    b, _, n = scores.shape[0], None, scores.shape[1]
+    b, n = scores.shape
     flat = local.reshape(local.shape[0], -1)
     lo, hi = flat.min(dim=1)[0], flat.max(dim=1)[0]
     thr = lo + rel_threshold * (hi - lo)  # (B,)

@@ -11,9 +11,9 @@ from typing import Mapping, Optional
 
 from .method import TagCLIPParams
 from .metrics import REL_THRESHOLD_COCOSTUFF, REL_THRESHOLD_DEFAULT
-from .vocab import (COCO_BACKGROUND, COCO_CAM_CLASSES, COCO_CLASSES, COCO_STUFF_182_TO_171,
-                    COCO_STUFF_CAM_BACKGROUND, COCO_STUFF_CAM_CLASSES, COCO_STUFF_CLASSES, VOC_BACKGROUND, VOC_CAM_CLASSES,
-                    VOC_CLASSES)
+from .vocab import (COCO_BACKGROUND, COCO_CAM_CLASSES, COCO_CLASSES, COCO_STUFF_171_TO_27, COCO_STUFF_182_TO_171,
+                    COCO_STUFF_182_TO_27, COCO_STUFF_CAM_BACKGROUND, COCO_STUFF_CAM_CLASSES, COCO_STUFF_CLASSES,
+                    COCO_STUFF_COARSE, VOC_BACKGROUND, VOC_CAM_CLASSES, VOC_CLASSES)
 
 # SPEC §3.8 / §4 / Q7: one relative threshold for crop candidates, F1 and label files.
 REL_THRESHOLD = REL_THRESHOLD_DEFAULT
@@ -92,3 +92,51 @@ def get_dataset(name: str) -> DatasetConfig:
         return DATASETS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}") from None
+
+
+# ----------------------------------------------------------------------------- evaluation (SPEC §6)
+
+VOC_EVAL_NAMES = ("background",) + VOC_CLASSES
+COCO_EVAL_NAMES = ("background",) + COCO_CLASSES
+COCO_STUFF_EVAL_NAMES = COCO_STUFF_COARSE
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How CAM files and GT masks of one dataset become evaluated labels (SPEC §6).
+
+    ``key_to_label[k]`` is the evaluated label of CAM class id ``k`` (VOC/COCO: ``k + 1``, label
+    0 being the background; COCO-Stuff: the coarse class of fine-171 id ``k``). ``gt_map`` maps a
+    raw GT value to the evaluated label (COCO-Stuff: fine-182 -> coarse-27; raw values beyond
+    the table become the ignore label); ``None`` keeps the GT as stored.
+    """
+    name: str
+    class_names: tuple[str, ...]            # display name of every evaluated label 0..n-1
+    has_background: bool                    # a background channel competes with the CAMs
+    key_to_label: tuple[int, ...]           # CAM class id -> evaluated label
+    gt_map: Optional[tuple[int, ...]] = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_keys(self) -> int:
+        """Size of the CAM vocabulary: keys must lie in ``[0, num_keys)``."""
+        return len(self.key_to_label)
+
+
+EVAL_CONFIGS: Mapping[str, EvalConfig] = MappingProxyType({
+    "voc2012": EvalConfig("voc2012", VOC_EVAL_NAMES, True, tuple(range(1, len(VOC_CLASSES) + 1))),
+    "coco2017": EvalConfig("coco2017", COCO_EVAL_NAMES, True, tuple(range(1, len(COCO_CLASSES) + 1))),
+    "cocostuff": EvalConfig("cocostuff", COCO_STUFF_EVAL_NAMES, False, tuple(COCO_STUFF_171_TO_27),
+                            gt_map=tuple(COCO_STUFF_182_TO_27)),
+})
+assert all(c.num_classes == DATASETS[n].cam.eval_num_classes for n, c in EVAL_CONFIGS.items())
+
+
+def get_eval_config(name: str) -> EvalConfig:
+    try:
+        return EVAL_CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown segmentation dataset {name!r}; choose from {', '.join(EVAL_CONFIGS)}") from None
