@@ -1,0 +1,355 @@
+"""Command line of ``eval_cam.py`` and ``eval_cam_with_crf.py`` (SPEC §6).
+
+Both take the reference's flags plus ``--dataset`` (required: the class count is never
+guessed from a folder name, quirk Q9). Bad input ends the run with one
+``error: <file>: <problem>`` line and exit status 2; with ``--on_error skip`` the failing
+images are left out of the evaluation, listed at the end, and the exit status is 1.
+Pseudo masks (``--pseudo_mask_save_path``) are palette PNGs written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from tagclip.errors import InputError
+from tagclip.registry import EVAL_CONFIGS, EvalConfig, get_eval_config
+
+from .evaluation import (CAM_TYPE, DEFAULT_CAM_EVAL_THRES, FALLBACK_THRES, SegEvaluator, Scores,
+                         cam_path, check_dir, check_same_size, format_scores, gt_path, image_path,
+                         predict, read_bgr, read_cam, read_gt, select_threshold, threshold_candidates)
+from .masks import write_label_png
+
+EXIT_INPUT_ERROR = 2      # bad input stopped the run
+EXIT_SKIPPED_IMAGES = 1   # --on_error skip: the run finished but some images failed
+MASK_EXT = ".png"
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, choices=list(EVAL_CONFIGS),
+                   help="class set of the CAMs and GT masks (voc2012: 21, coco2017: 81, cocostuff: 27 "
+                        "coarse classes); never guessed from a folder name")
+    p.add_argument("--cam_out_dir", required=True, help="folder of {id}.npy CAM files")
+    p.add_argument("--split_file", required=True, help="split file: one 'id [labels...]' line per image")
+    p.add_argument("--pseudo_mask_save_path", default=None,
+                   help="write one palette PNG label map per image into this folder")
+    p.add_argument("--confidence_threshold", type=_finite_float, default=None,
+                   help="in the saved pseudo masks, pixels whose winning score (CRF: max of Q) is below this become 255 "
+                        "(off by default; the evaluation always uses every pixel)")
+    p.add_argument("--save_scores", default=None,
+                   help="also write the scores as JSON to this file (NaN as null)")
+    p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
+                   help="on a bad image (CAM, GT or image file): stop at once (default) or skip it "
+                        "and report at the end (exit status 1)")
+
+
+def eval_cam_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eval_cam.py", description="Evaluate CLIP-ES CAMs (argmax with background) against GT masks.")
+    _common_arguments(p)
+    p.add_argument("--cam_type", default=CAM_TYPE, choices=(CAM_TYPE,), help="CAM array to evaluate")
+    p.add_argument("--cam_eval_thres", type=_finite_float, default=DEFAULT_CAM_EVAL_THRES,
+                   help="reference background rule: >= 1 (default 2) uses (1 - max)^1; < 1 searches "
+                        "constant background scores 0.05..0.6 and keeps the best")
+    p.add_argument("--gt_root", required=True, help="folder of {id}.png GT masks")
+    return p
+
+
+def eval_crf_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eval_cam_with_crf.py",
+        description="Dense-CRF post-processing of CLIP-ES CAMs: pseudo masks and/or evaluation.")
+    _common_arguments(p)
+    p.add_argument("--gt_root", default=None,
+                   help="folder of {id}.png GT masks (needed with --eval_only; evaluated whenever given)")
+    p.add_argument("--image_root", required=True, help="folder of {id}.jpg images")
+    p.add_argument("--eval_only", action="store_true",
+                   help="evaluate only; write no pseudo masks")
+    p.add_argument("--cam_eval_thres", type=_finite_float, default=DEFAULT_CAM_EVAL_THRES,
+                   help="accepted for compatibility and ignored: the CRF always uses (1 - max)^1")
+    p.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1,
+                   help="worker processes (default: the number of CPUs)")
+    return p
+
+
+# ----------------------------------------------------------------------------- helpers
+
+class Failure(NamedTuple):
+    image_id: str
+    path: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+def _read_ids(split_file) -> list[str]:
+    from tagclip.labels import read_split  # deferred: pulls in torch
+
+    return [entry.id for entry in read_split(split_file)]
+
+
+def _mask_path(mask_dir, image_id: str) -> Path:
+    return Path(mask_dir) / f"{image_id}{MASK_EXT}"
+
+
+def _prepare_mask_dir(path) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(path, "pseudo-mask folder is a file") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot create pseudo-mask folder ({exc.strerror or exc})") from None
+    return path
+
+
+def _scores_json(config: EvalConfig, scores: Scores, images: int, extra: dict) -> str:
+    def num(v: float):
+        return None if math.isnan(v) else float(v)
+
+    out = {"dataset": config.name, "num_classes": config.num_classes, "images": images, **extra,
+           "class_names": list(config.class_names)}
+    ref = scores.as_dict()
+    for key in ("Pixel Accuracy", "Mean Accuracy", "Frequency Weighted IoU", "Mean IoU"):
+        out[key] = num(ref[key])
+    out["Class IoU"] = {str(i): num(v) for i, v in ref["Class IoU"].items()}
+    out["present"] = [bool(x) for x in scores.present]
+    return json.dumps(out, indent=1) + "\n"
+
+
+def _report(config: EvalConfig, evaluator: SegEvaluator, args, thres: Optional[float],
+            failures: Sequence[Failure], extra: dict) -> int:
+    scores = evaluator.scores()
+    print(format_scores(scores, config.class_names, thres), end="")
+    if evaluator.unexpected_gt_pixels:
+        print(f"warning: {evaluator.unexpected_gt_pixels} GT pixels hold values outside 0..{config.num_classes - 1} "
+              f"and 255 and were ignored; is --dataset {config.name} right?", file=sys.stderr)
+    if args.save_scores:
+        from tagclip.labels import write_text_atomic
+
+        write_text_atomic(args.save_scores, _scores_json(config, scores, evaluator.images, extra))
+    if failures:
+        print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
+        for failure in failures:
+            print(f"  {failure}", file=sys.stderr)
+        return EXIT_SKIPPED_IMAGES
+    return 0
+
+
+def _fail(failures: list, image_id: str, err: InputError, on_error: str) -> None:
+    if on_error == "stop":
+        raise err
+    failures.append(Failure(image_id, err.path, err.problem))
+
+
+# ----------------------------------------------------------------------------- eval_cam.py
+
+def _load_cam_and_gt(args, config: EvalConfig, image_id: str):
+    cam_file = cam_path(args.cam_out_dir, image_id)
+    keys, cams = read_cam(cam_file, config, args.cam_type)
+    gt_file = gt_path(args.gt_root, image_id)
+    gt = read_gt(gt_file, config)
+    check_same_size(gt_file, gt.shape, cams.shape[1:], "GT mask")
+    return keys, cams, gt
+
+
+def run_eval_cam(args) -> int:
+    config = get_eval_config(args.dataset)
+    ids = _read_ids(args.split_file)
+    check_dir(args.cam_out_dir, "CAM folder")
+    check_dir(args.gt_root, "GT folder")
+    mask_dir = _prepare_mask_dir(args.pseudo_mask_save_path) if args.pseudo_mask_save_path else None
+    print(f"{len(ids)} images to eval")
+
+    # COCO-Stuff has no background channel, so there is no threshold to choose.
+    candidates = threshold_candidates(args.cam_eval_thres) if config.has_background else (1,)
+    tried = list(candidates) + ([FALLBACK_THRES] if config.has_background else [])
+    evaluators = {t: SegEvaluator(config.num_classes) for t in tried}
+    write_now = mask_dir is not None and len(candidates) == 1
+    failures: list[Failure] = []
+    for image_id in ids:
+        try:
+            keys, cams, gt = _load_cam_and_gt(args, config, image_id)
+        except InputError as err:
+            _fail(failures, image_id, err, args.on_error)
+            continue
+        for t in tried:
+            labels, confidence = predict(keys, cams, config, t)
+            evaluators[t].update(labels, gt)
+            if write_now and t == candidates[0]:
+                write_label_png(_mask_path(mask_dir, image_id), labels, confidence, args.confidence_threshold)
+
+    if config.has_background:
+        mious = [(t, evaluators[t].scores().miou) for t in candidates]
+        for t, miou in mious:
+            print(f"thres:{t}, mIoU:{miou}")
+        final = select_threshold(mious)
+    else:
+        final = candidates[0]
+
+    if mask_dir is not None and not (write_now and final == candidates[0]):
+        failed = {f.image_id for f in failures}
+        for image_id in ids:
+            if image_id in failed:
+                continue
+            keys, cams, _ = _load_cam_and_gt(args, config, image_id)
+            labels, confidence = predict(keys, cams, config, final)
+            write_label_png(_mask_path(mask_dir, image_id), labels, confidence, args.confidence_threshold)
+    if mask_dir is not None:
+        print(f">>>pseudo masks written to {mask_dir}")
+    extra = {"thres": final} if config.has_background else {}
+    return _report(config, evaluators[final], args, final if config.has_background else None, failures, extra)
+
+
+# ----------------------------------------------------------------------------- eval_cam_with_crf.py
+
+class CrfTask(NamedTuple):
+    image_id: str
+    dataset: str
+    cam_file: str
+    image_file: str
+    gt_file: Optional[str]
+    mask_file: Optional[str]
+    confidence_threshold: Optional[float]
+
+
+class CrfResult(NamedTuple):
+    image_id: str
+    hist: Optional[np.ndarray]           # confusion matrix of this image (None without GT)
+    unexpected_gt_pixels: int
+    error: Optional[tuple]               # (path, problem) of an InputError
+
+
+def crf_worker(task: CrfTask) -> CrfResult:
+    """One image: CRF labels, optional pseudo mask, confusion matrix (runs in a worker process).
+
+    Bad input comes back as ``(path, problem)`` rather than as an exception object.
+    """
+    from .crf import crf_predict
+
+    config = get_eval_config(task.dataset)
+    try:
+        keys, cams = read_cam(task.cam_file, config)
+        bgr = read_bgr(task.image_file)
+        check_same_size(task.image_file, bgr.shape[:2], cams.shape[1:], "image")
+        gt = None
+        if task.gt_file is not None:
+            gt = read_gt(task.gt_file, config)
+            check_same_size(task.gt_file, gt.shape, cams.shape[1:], "GT mask")
+        labels, confidence = crf_predict(keys, cams, bgr, config)
+        if task.mask_file is not None:
+            write_label_png(task.mask_file, labels, confidence, task.confidence_threshold)
+    except InputError as err:
+        return CrfResult(task.image_id, None, 0, (err.path, err.problem))
+    if gt is None:
+        return CrfResult(task.image_id, None, 0, None)
+    evaluator = SegEvaluator(config.num_classes).update(labels, gt)
+    return CrfResult(task.image_id, evaluator.hist, evaluator.unexpected_gt_pixels, None)
+
+
+def _run_tasks(tasks: Sequence[CrfTask], jobs: int):
+    """Yield the results in task order (a process pool when ``jobs > 1``)."""
+    if jobs <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield crf_worker(task)
+        return
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)))
+    try:
+        futures = [pool.submit(crf_worker, task) for task in tasks]
+        for i in range(len(futures)):
+            result = futures[i].result()
+            futures[i] = None  # drop the finished result
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_eval_crf(args) -> int:
+    config = get_eval_config(args.dataset)
+    if args.eval_only and not args.gt_root:
+        raise InputError("--gt_root", "required with --eval_only")
+    if not args.eval_only and not args.pseudo_mask_save_path:
+        raise InputError("--pseudo_mask_save_path", "required unless --eval_only is given")
+    ids = _read_ids(args.split_file)
+    check_dir(args.cam_out_dir, "CAM folder")
+    check_dir(args.image_root, "image folder")
+    if args.gt_root:
+        check_dir(args.gt_root, "GT folder")
+    mask_dir = None if args.eval_only else _prepare_mask_dir(args.pseudo_mask_save_path)
+    print(f"{len(ids)} images to eval")
+    print(f"# jobs: {args.jobs}")
+
+    tasks = [CrfTask(image_id, config.name, str(cam_path(args.cam_out_dir, image_id)),
+                     str(image_path(args.image_root, image_id)),
+                     str(gt_path(args.gt_root, image_id)) if args.gt_root else None,
+                     str(_mask_path(mask_dir, image_id)) if mask_dir is not None else None,
+                     args.confidence_threshold)
+             for image_id in ids]
+    evaluator = SegEvaluator(config.num_classes)
+    failures: list[Failure] = []
+    with closing(_run_tasks(tasks, args.jobs)) as results:  # closing: stop the pool on an error
+        for result in results:
+            if result.error is not None:
+                _fail(failures, result.image_id, InputError(*result.error), args.on_error)
+            elif result.hist is not None:
+                evaluator.add_hist(result.hist, 1, result.unexpected_gt_pixels)
+    if mask_dir is not None:
+        print(f">>>pseudo masks written to {mask_dir}")
+    if not args.gt_root:
+        if failures:
+            print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
+            for failure in failures:
+                print(f"  {failure}", file=sys.stderr)
+            return EXIT_SKIPPED_IMAGES
+        return 0
+    return _report(config, evaluator, args, None, failures, {"crf": True})
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def guarded(run, args) -> int:
+    """Run a command; bad input becomes one ``error:`` line and exit status 2."""
+    try:
+        return run(args)
+    except (InputError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+
+
+def eval_cam_main(argv: Optional[Sequence[str]] = None) -> int:
+    return guarded(run_eval_cam, eval_cam_parser().parse_args(argv))
+
+
+def eval_crf_main(argv: Optional[Sequence[str]] = None) -> int:
+    return guarded(run_eval_crf, eval_crf_parser().parse_args(argv))

@@ -1,0 +1,405 @@
+"""Segmentation evaluation of CAMs (SPEC §6): prediction rules, CAM / GT readers and one
+confusion-matrix evaluator.
+
+Prediction rule (VOC, COCO; quirk ``eval_cam_bg`` of the golden manifest)
+    The CAMs are the float16 ``attn_highres`` maps of the CAM file (K x H x W). A background
+    score ``(1 - max_k cam) ** t`` is computed IN THE CAMS' DTYPE (float16 for every CAM file
+    the toolkit writes), stacked in front of the CAMs, and the label of a pixel is the argmax
+    of that stack (ties -> lowest index, so the background wins a tie): 0 for background,
+    ``keys[k] + 1`` for CAM channel ``k``.
+COCO-Stuff (quirk ``cocostuff_cams_eval``)
+    No background channel: label = coarse class of ``keys[argmax cams]`` (fine-171 -> coarse-27);
+    the GT holds fine-182 ids, mapped to coarse-27; any GT value >= 182 becomes 255 (ignored).
+Background threshold search (reference ``eval_cam.py``)
+    ``--cam_eval_thres`` (default 2) selects the candidates: a value >= 1 tries only ``t = 1``
+    (the CAM type is ``attn_highres``); a value < 1 tries the constant background scores
+    0.05, 0.10, ..., 0.60. A candidate ``t < 1`` is a CONSTANT background score ``t`` instead of
+    the power rule. The candidate with the highest mIoU wins (first one on ties, and only a
+    mIoU strictly above 0 counts); when no candidate scores above 0 (or all are NaN) the
+    final result uses ``t = 0``, i.e. a constant-0 background, which only wins where every CAM
+    is 0. See :func:`threshold_candidates` and :func:`select_threshold`.
+Scores (reference ``scores()``, reproduced operation for operation in float64)
+    Confusion matrix over the pixels whose GT lies in ``[0, n)`` (everything else, 255
+    included, is ignored). ``acc = trace / total``; ``mean accuracy = nanmean(diag / GT
+    counts)``; ``IoU = diag / (GT counts + predicted counts - diag)``: NaN for a class that is
+    neither in the GT nor predicted, 0 for a class predicted but absent from the GT; ``mIoU =
+    nanmean(IoU over the classes present in the GT)``; ``FW IoU = sum(freq * IoU)`` over
+    classes with GT pixels.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from tagclip.errors import InputError
+from tagclip.registry import EvalConfig
+
+IGNORE_LABEL = 255
+# Reference CAM type: the only array of the CAM dict that is evaluated.
+CAM_TYPE = "attn_highres"
+# Reference eval_cam.py: cam_eval_thres default and the candidate lists.
+DEFAULT_CAM_EVAL_THRES = 2.0
+POWER_CANDIDATES = (1,)                  # cam_eval_thres >= 1 and an 'attn' CAM type
+CONSTANT_CANDIDATES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
+FALLBACK_THRES = 0                       # used when no candidate gives mIoU > 0
+
+SCORE_KEYS = ("Pixel Accuracy", "Mean Accuracy", "Frequency Weighted IoU", "Mean IoU", "Class IoU")
+
+
+# ----------------------------------------------------------------------------- scores
+
+class Scores(NamedTuple):
+    """Result of :meth:`SegEvaluator.scores` (all float64; fractions, not percentages)."""
+
+    pixel_accuracy: float
+    mean_accuracy: float
+    fw_iou: float
+    miou: float
+    class_iou: np.ndarray      # (n,) NaN where a class is neither in the GT nor predicted
+    present: np.ndarray        # (n,) bool: the class has GT pixels (the classes mIoU averages)
+
+    def as_dict(self) -> dict:
+        """The reference's score dict: ``{"Pixel Accuracy": ..., "Class IoU": {0: ..., ...}}``."""
+        return {
+            "Pixel Accuracy": float(self.pixel_accuracy),
+            "Mean Accuracy": float(self.mean_accuracy),
+            "Frequency Weighted IoU": float(self.fw_iou),
+            "Mean IoU": float(self.miou),
+            "Class IoU": {i: float(v) for i, v in enumerate(self.class_iou)},
+        }
+
+
+class SegEvaluator:
+    """Confusion-matrix evaluator (rows = GT class, columns = predicted class).
+
+    ``update(pred, gt)`` counts the pixels whose GT is in ``[0, num_classes)``; GT values
+    outside that range (``ignore_index`` and anything else) are skipped, as in the reference.
+    GT values that are neither valid nor ``ignore_index`` are counted in
+    :attr:`unexpected_gt_pixels` so that a caller can warn about a wrong ``--dataset``.
+    Evaluators of disjoint image sets combine with :meth:`merge` or ``+``; the counts are
+    integers, so the result does not depend on the order.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_LABEL):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.ignore_index = ignore_index
+        self.hist = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+        self.unexpected_gt_pixels = 0
+        self.images = 0
+
+    def update(self, pred, gt) -> "SegEvaluator":
+        """Add one image (``pred`` and ``gt``: integer label maps of the same shape)."""
+        pred = np.asarray(pred)
+        gt = np.asarray(gt)
+        if pred.shape != gt.shape:
+            raise ValueError(f"prediction shape {pred.shape} differs from GT shape {gt.shape}")
+        for name, arr in (("prediction", pred), ("GT", gt)):
+            if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+                raise ValueError(f"{name} must be an integer label map, got dtype {arr.dtype}")
+        n = self.num_classes
+        g = gt.ravel()
+        valid = (g >= 0) & (g < n)
+        self.unexpected_gt_pixels += int(np.count_nonzero(~valid & (g != self.ignore_index)))
+        g = g[valid].astype(np.int64)
+        p = pred.ravel()[valid].astype(np.int64)
+        if p.size and (p.min() < 0 or p.max() >= n):
+            bad = p[(p < 0) | (p >= n)][0]
+            raise ValueError(f"predicted label {bad} outside [0, {n}) on a pixel with a valid GT")
+        self.hist += np.bincount(n * g + p, minlength=n * n).reshape(n, n)
+        self.images += 1
+        return self
+
+    def add_hist(self, hist, images: int = 1, unexpected_gt_pixels: int = 0) -> "SegEvaluator":
+        """Add a confusion matrix computed elsewhere (e.g. by a worker process)."""
+        hist = np.asarray(hist)
+        if hist.shape != self.hist.shape:
+            raise ValueError(f"confusion matrix shape {hist.shape} differs from {self.hist.shape}")
+        self.hist += hist.astype(np.int64)
+        self.images += int(images)
+        self.unexpected_gt_pixels += int(unexpected_gt_pixels)
+        return self
+
+    def merge(self, other: "SegEvaluator") -> "SegEvaluator":
+        """Add the counts of ``other`` (same number of classes) into this evaluator."""
+        if not isinstance(other, SegEvaluator):
+            raise TypeError(f"cannot merge {type(other).__name__} into SegEvaluator")
+        if other.num_classes != self.num_classes:
+            raise ValueError(f"cannot merge {other.num_classes} classes into {self.num_classes}")
+        return self.add_hist(other.hist, other.images, other.unexpected_gt_pixels)
+
+    def copy(self) -> "SegEvaluator":
+        out = SegEvaluator(self.num_classes, self.ignore_index)
+        return out.merge(self)
+
+    def __add__(self, other: "SegEvaluator") -> "SegEvaluator":
+        return self.copy().merge(other)
+
+    def __iadd__(self, other: "SegEvaluator") -> "SegEvaluator":
+        return self.merge(other)
+
+    def scores(self) -> Scores:
+        """The reference's ``scores()`` arithmetic on the accumulated matrix (float64)."""
+        hist = self.hist.astype(np.float64)
+        diag = np.diag(hist)
+        gt_count = hist.sum(axis=1)
+        pred_count = hist.sum(axis=0)
+        total = hist.sum()
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN slice
+            acc = diag.sum() / total
+            mean_acc = np.nanmean(diag / gt_count)
+            iou = diag / (gt_count + pred_count - diag)
+            present = gt_count > 0
+            miou = np.nanmean(iou[present])
+            freq = gt_count / total
+            fw_iou = (freq[freq > 0] * iou[freq > 0]).sum()
+        return Scores(float(acc), float(mean_acc), float(fw_iou), float(miou), iou, present)
+
+
+# ----------------------------------------------------------------------------- prediction
+
+def threshold_candidates(cam_eval_thres: float = DEFAULT_CAM_EVAL_THRES) -> tuple:
+    """Background thresholds the reference tries for ``attn_highres`` CAMs."""
+    return CONSTANT_CANDIDATES if cam_eval_thres < 1 else POWER_CANDIDATES
+
+
+def select_threshold(mious: Sequence[tuple]) -> float:
+    """The reference's choice among ``(thres, mIoU)`` pairs in trial order.
+
+    Highest mIoU strictly above 0, first on ties; :data:`FALLBACK_THRES` (0) when none is above 0.
+    """
+    best, best_thres = 0.0, FALLBACK_THRES
+    for thres, miou in mious:
+        if miou > best:  # NaN never compares greater
+            best, best_thres = miou, thres
+    return best_thres
+
+
+def background_score(cams: np.ndarray, thres=1) -> np.ndarray:
+    """Background channel (1 x H x W) in the CAMs' dtype.
+
+    ``thres >= 1``: ``(1 - max_k cams) ** thres`` (float16 arithmetic on float16 CAMs);
+    ``thres < 1``: the constant ``thres`` (reference ``np.pad(..., constant_values=thres)``).
+    """
+    if thres < 1:
+        return np.full((1,) + cams.shape[1:], thres, dtype=cams.dtype)
+    # Python scalars keep the CAMs' dtype (NEP 50): 1 - fp16 and fp16 ** int stay float16.
+    thres = int(thres) if float(thres).is_integer() else float(thres)
+    return np.power(1 - np.max(cams, axis=0, keepdims=True), thres)
+
+
+def score_stack(cams: np.ndarray, thres=1, has_background: bool = True) -> np.ndarray:
+    """``[background, cams...]`` (or the CAMs alone without background), in the CAMs' dtype."""
+    if not has_background:
+        return cams
+    return np.concatenate((background_score(cams, thres), cams), axis=0)
+
+
+def cam_to_label(keys, cams, bg_power=1, has_background: bool = True) -> np.ndarray:
+    """Per-pixel label from one CAM file's ``keys`` and ``attn_highres`` (int64 H x W).
+
+    With background: argmax over ``[background_score(cams, bg_power), cams...]`` (ties ->
+    lowest index, background first); 0 = background, ``keys[k] + 1`` for channel ``k``.
+    ``bg_power < 1`` is the reference's constant background score (see module docstring).
+    Without background (COCO-Stuff): ``keys[argmax cams]`` (map it with
+    :func:`labels_to_eval` to the coarse classes).
+    """
+    keys = np.asarray(keys, dtype=np.int64)
+    stack = score_stack(np.asarray(cams), bg_power, has_background)
+    idx = np.argmax(stack, axis=0)
+    lut = np.concatenate(([0], keys + 1)) if has_background else keys
+    return lut[idx]
+
+
+def key_lut(config: EvalConfig) -> np.ndarray:
+    """Lookup table: evaluated label of every CAM class id (``config.key_to_label``)."""
+    return np.asarray(config.key_to_label, dtype=np.int64)
+
+
+def predict(keys, cams, config: EvalConfig, thres=1) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluated label map (uint8) and its confidence (winning score, CAM dtype) for one image."""
+    stack = score_stack(cams, thres, config.has_background)
+    idx = np.argmax(stack, axis=0)
+    labels = channel_labels(keys, config)[idx]
+    confidence = np.take_along_axis(stack, idx[None], axis=0)[0]
+    return labels.astype(np.uint8), confidence
+
+
+def channel_labels(keys, config: EvalConfig) -> np.ndarray:
+    """Evaluated label of every channel of the score stack (background channel first if any)."""
+    mapped = key_lut(config)[np.asarray(keys, dtype=np.int64)]
+    if config.has_background:
+        mapped = np.concatenate(([0], mapped))
+    return mapped
+
+
+def labels_to_eval(labels, config: EvalConfig) -> np.ndarray:
+    """Map CAM-space labels of :func:`cam_to_label` to evaluated labels."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if config.has_background:
+        out = np.zeros_like(labels)
+        fg = labels > 0
+        out[fg] = key_lut(config)[labels[fg] - 1]
+        return out
+    return key_lut(config)[labels]
+
+
+def gt_to_eval(gt, config: EvalConfig) -> np.ndarray:
+    """GT mask as evaluated labels (COCO-Stuff: fine-182 -> coarse-27, other values -> 255)."""
+    gt = np.asarray(gt)
+    if config.gt_map is None:
+        return gt
+    lut = np.full(max(256, int(gt.max(initial=0)) + 1), IGNORE_LABEL, dtype=np.uint8)
+    lut[:len(config.gt_map)] = config.gt_map
+    idx = gt.astype(np.int64)
+    return np.where(idx < 0, IGNORE_LABEL, lut[np.maximum(idx, 0)]).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- files
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def read_cam(path, config: EvalConfig, cam_type: str = CAM_TYPE) -> tuple[np.ndarray, np.ndarray]:
+    """Load and validate ``{id}.npy``: returns ``(keys int64 (K,), cams float (K, H, W))``.
+
+    The file is a pickled dict (``np.save`` of ``{"keys", "attn_highres"}``); it is loaded with
+    ``allow_pickle=True``, so only read CAM files you trust. Every problem is an
+    :class:`InputError` naming the file.
+    """
+    path = Path(path)
+    try:
+        obj = np.load(path, allow_pickle=True)
+    except FileNotFoundError:
+        raise InputError(path, "CAM file not found") from None
+    except IsADirectoryError:
+        raise InputError(path, "is a directory, not a CAM file") from None
+    except Exception as exc:  # ValueError, UnpicklingError, EOFError, OSError, ...
+        raise InputError(path, f"cannot read CAM file ({_short(exc)})") from None
+    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
+        obj = obj.item()
+    if not isinstance(obj, dict):
+        raise InputError(path, "not a CAM file (expected a saved dict with 'keys' and "
+                               f"'{cam_type}')")
+    missing = [k for k in ("keys", cam_type) if k not in obj]
+    if missing:
+        raise InputError(path, f"CAM file has no {' or '.join(repr(m) for m in missing)} entry")
+    keys = np.asarray(obj["keys"])
+    cams = np.asarray(obj[cam_type])
+    if cams.ndim != 3 or not np.issubdtype(cams.dtype, np.floating):
+        raise InputError(path, f"'{cam_type}' must be a float K x H x W array, got "
+                               f"{cams.dtype} of shape {cams.shape}")
+    if keys.ndim != 1 or not (np.issubdtype(keys.dtype, np.integer) or keys.size == 0):
+        raise InputError(path, f"'keys' must be a 1-D integer array, got {keys.dtype} of shape {keys.shape}")
+    if keys.size == 0 or cams.shape[0] == 0:
+        raise InputError(path, "CAM file has no classes")
+    if keys.size != cams.shape[0]:
+        raise InputError(path, f"{keys.size} keys but {cams.shape[0]} CAM channels")
+    if cams.shape[1] == 0 or cams.shape[2] == 0:
+        raise InputError(path, f"empty CAMs of shape {cams.shape}")
+    bad = keys[(keys < 0) | (keys >= config.num_keys)]
+    if bad.size:
+        raise InputError(path, f"class id {int(bad[0])} is outside the {config.num_keys}-class "
+                               f"{config.name} vocabulary")
+    if not np.isfinite(cams).all():
+        raise InputError(path, "CAMs contain NaN or infinite values")
+    return keys.astype(np.int64), cams
+
+
+def read_gt(path, config: EvalConfig) -> np.ndarray:
+    """Load a GT mask (palette or grey PNG: the stored value is the class) as evaluated labels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            arr = np.array(img)
+    except FileNotFoundError:
+        raise InputError(path, "GT mask not found") from None
+    except IsADirectoryError:
+        raise InputError(path, "is a directory, not a GT mask") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError(path, f"cannot read GT mask ({_short(exc)})") from None
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
+        raise InputError(path, f"GT mask must be a single-channel label image (palette or grey), "
+                               f"got PIL mode {mode}")
+    return gt_to_eval(arr, config)
+
+
+def read_bgr(path) -> np.ndarray:
+    """Read an image as 8-bit BGR (H x W x 3), as ``cv2.imread(path, IMREAD_COLOR)`` does,
+    except that the EXIF orientation is ignored so that the image matches its CAM (the CAM
+    stage reads the stored pixel layout)."""
+    import cv2
+
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise InputError(path, "image not found") from None
+    except IsADirectoryError:
+        raise InputError(path, "is a directory, not an image") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot read image ({exc.strerror or exc})") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    if image is None:
+        raise InputError(path, "cannot decode image")
+    return image
+
+
+def check_same_size(path, shape_hw, cam_shape_hw, what: str) -> None:
+    if tuple(shape_hw) != tuple(cam_shape_hw):
+        raise InputError(path, f"{what} size {shape_hw[1]}x{shape_hw[0]} (WxH) differs from the CAM's "
+                               f"{cam_shape_hw[1]}x{cam_shape_hw[0]}")
+
+
+def cam_path(cam_out_dir, image_id: str) -> Path:
+    return Path(cam_out_dir) / f"{image_id}.npy"
+
+
+def gt_path(gt_root, image_id: str) -> Path:
+    return Path(gt_root) / f"{image_id}.png"
+
+
+def image_path(image_root, image_id: str) -> Path:
+    return Path(image_root) / f"{image_id}.jpg"
+
+
+def check_dir(path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, f"{what} not found")
+    if not path.is_dir():
+        raise InputError(path, f"{what} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise InputError(path, f"{what} is not readable")
+    return path
+
+
+def format_scores(scores: Scores, class_names: Sequence[str], thres: Optional[float] = None) -> str:
+    """Human-readable report: the four summary scores, then every class IoU with its name."""
+    lines = []
+    if thres is not None:
+        lines.append(f"background threshold: {thres:g}")
+    lines += [
+        f"Pixel Accuracy        : {scores.pixel_accuracy:.6f}",
+        f"Mean Accuracy         : {scores.mean_accuracy:.6f}",
+        f"Frequency Weighted IoU: {scores.fw_iou:.6f}",
+        f"Mean IoU              : {scores.miou:.6f}  "
+        f"(over the {int(scores.present.sum())} classes present in the GT)",
+        "Class IoU:",
+    ]
+    width = max(len(n) for n in class_names)
+    for i, (name, iou, present) in enumerate(zip(class_names, scores.class_iou, scores.present)):
+        note = "" if present else "  (not in GT; not in mIoU)"
+        value = "nan" if np.isnan(iou) else f"{iou:.6f}"
+        lines.append(f"  {i:3d} {name:<{width}}  {value}{note}")
+    return "\n".join(lines) + "\n"
