@@ -37,6 +37,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tagclip.errors import InputError
+
+from .cams import load_cam
 from tagclip.registry import EvalConfig
 
 IGNORE_LABEL = 255
@@ -190,6 +192,8 @@ def background_score(cams: np.ndarray, thres=1) -> np.ndarray:
     """
     if thres < 1:
         return np.full((1,) + cams.shape[1:], thres, dtype=cams.dtype)
+    if cams.shape[0] == 0:  # no classes: background everywhere
+        return np.ones((1,) + cams.shape[1:], dtype=cams.dtype)
     # Python scalars keep the CAMs' dtype (NEP 50): 1 - fp16 and fp16 ** int stay float16.
     thres = int(thres) if float(thres).is_integer() else float(thres)
     return np.power(1 - np.max(cams, axis=0, keepdims=True), thres)
@@ -270,49 +274,29 @@ def _short(exc: BaseException) -> str:
 
 
 def read_cam(path, config: EvalConfig, cam_type: str = CAM_TYPE) -> tuple[np.ndarray, np.ndarray]:
-    """Load and validate ``{id}.npy``: returns ``(keys int64 (K,), cams float (K, H, W))``.
+    """Load and validate ``{id}.npy`` for ``config``: ``(keys int64 (K,), cams (K, H, W))``.
 
-    The file is a pickled dict (``np.save`` of ``{"keys", "attn_highres"}``); it is loaded with
-    ``allow_pickle=True``, so only read CAM files you trust. Every problem is an
+    Parsing is :func:`clip_es.cams.load_cam` (arrays only, no arbitrary pickled objects); here
+    the keys are checked against the dataset's vocabulary. A file without classes (an image
+    with no labels) predicts background everywhere where the dataset has a background;
+    COCO-Stuff has none, so such a file is an error there. Every problem is an
     :class:`InputError` naming the file.
     """
+    if cam_type != CAM_TYPE:
+        raise ValueError(f"unsupported cam_type {cam_type!r} (only {CAM_TYPE!r})")
     path = Path(path)
-    try:
-        obj = np.load(path, allow_pickle=True)
-    except FileNotFoundError:
-        raise InputError(path, "CAM file not found") from None
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, not a CAM file") from None
-    except Exception as exc:  # ValueError, UnpicklingError, EOFError, OSError, ...
-        raise InputError(path, f"cannot read CAM file ({_short(exc)})") from None
-    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
-        obj = obj.item()
-    if not isinstance(obj, dict):
-        raise InputError(path, "not a CAM file (expected a saved dict with 'keys' and "
-                               f"'{cam_type}')")
-    missing = [k for k in ("keys", cam_type) if k not in obj]
-    if missing:
-        raise InputError(path, f"CAM file has no {' or '.join(repr(m) for m in missing)} entry")
-    keys = np.asarray(obj["keys"])
-    cams = np.asarray(obj[cam_type])
-    if cams.ndim != 3 or not np.issubdtype(cams.dtype, np.floating):
-        raise InputError(path, f"'{cam_type}' must be a float K x H x W array, got "
-                               f"{cams.dtype} of shape {cams.shape}")
-    if keys.ndim != 1 or not (np.issubdtype(keys.dtype, np.integer) or keys.size == 0):
-        raise InputError(path, f"'keys' must be a 1-D integer array, got {keys.dtype} of shape {keys.shape}")
-    if keys.size == 0 or cams.shape[0] == 0:
-        raise InputError(path, "CAM file has no classes")
-    if keys.size != cams.shape[0]:
-        raise InputError(path, f"{keys.size} keys but {cams.shape[0]} CAM channels")
+    keys, cams = load_cam(path)
     if cams.shape[1] == 0 or cams.shape[2] == 0:
         raise InputError(path, f"empty CAMs of shape {cams.shape}")
+    if keys.size == 0 and not config.has_background:
+        raise InputError(path, f"CAM file has no classes ({config.name} has no background to predict)")
     bad = keys[(keys < 0) | (keys >= config.num_keys)]
     if bad.size:
         raise InputError(path, f"class id {int(bad[0])} is outside the {config.num_keys}-class "
                                f"{config.name} vocabulary")
     if not np.isfinite(cams).all():
         raise InputError(path, "CAMs contain NaN or infinite values")
-    return keys.astype(np.int64), cams
+    return keys, cams
 
 
 def read_gt(path, config: EvalConfig) -> np.ndarray:

@@ -221,7 +221,7 @@ def _break(kind, cams, gt, img):
         return cams / f"{BAD}.npy", "CAM file not found"
     if kind == "corrupt_cam":
         (cams / f"{BAD}.npy").write_bytes(b"\x93NUMPY garbage")
-        return cams / f"{BAD}.npy", "cannot read CAM file"
+        return cams / f"{BAD}.npy", "not a readable CAM file"
     if kind == "keys_outside":
         d = np.load(cams / f"{BAD}.npy", allow_pickle=True).item()
         np.save(cams / f"{BAD}.npy", {"keys": d["keys"] + 20, "attn_highres": d["attn_highres"]})

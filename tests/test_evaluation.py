@@ -215,16 +215,20 @@ def test_read_cam_validation(tmp_path):
 
     bad(None, "not found", name="missing.npy")
     (tmp_path / "junk.npy").write_bytes(b"not a numpy file")
-    bad(None, "cannot read CAM file", name="junk.npy")
-    bad(np.zeros(3), "not a CAM file")
+    bad(None, "not a readable CAM file", name="junk.npy")
+    bad(np.zeros(3), "plain array")
     bad({"keys": np.array([1])}, "attn_highres")
     bad({**good, "keys": np.array([3, 20])}, "class id 20 is outside the 20-class voc2012")
     bad({**good, "keys": np.array([3, -1])}, "class id -1")
     bad({**good, "keys": np.array([170, 171])}, "171 is outside the 171-class cocostuff", STUFF)
-    bad({**good, "keys": np.array([1, 2, 3])}, "3 keys but 2 CAM channels")
-    bad({**good, "attn_highres": np.zeros((2, 4), np.float16)}, "K x H x W")
+    bad({**good, "keys": np.array([1, 2, 3])}, "does not match 3 keys")
+    bad({**good, "attn_highres": np.zeros((2, 4), np.float16)}, "does not match")
     bad({**good, "attn_highres": np.zeros((2, 4, 6), np.uint8)}, "float")
-    bad({"keys": np.zeros(0, np.int64), "attn_highres": np.zeros((0, 4, 6), np.float16)}, "no classes")
+    empty = {"keys": np.zeros(0, np.int64), "attn_highres": np.zeros((0, 4, 6), np.float16)}
+    bad(empty, "no classes", STUFF)  # COCO-Stuff has no background to predict
+    np.save(tmp_path / "empty.npy", empty)  # an image without labels: background everywhere
+    keys, cams = read_cam(tmp_path / "empty.npy", VOC)
+    assert keys.size == 0 and np.array_equal(cam_to_label(keys, cams), np.zeros((4, 6), np.int64))
     nan = good["attn_highres"].copy()
     nan[0, 0, 0] = np.nan
     bad({**good, "attn_highres": nan}, "NaN")

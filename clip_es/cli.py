@@ -1,0 +1,177 @@
+"""Command line of the CLIP-ES stage: ``generate_cams.py`` (SPEC §5).
+
+One script for the three segmentation datasets (``--dataset``; the reference had one script
+per dataset and guessed nothing else, quirk Q9). It takes the reference's flags and writes
+the reference's CAM files, so the reference's evaluation reads them unchanged.
+
+Bad input ends the run with one ``error: <file>: <problem>`` line and exit status 2; with
+``--on_error skip`` unreadable images are listed at the end and the exit status is 1. A
+rerun skips every image whose CAM file already exists, loads, and holds the same labels
+(``--overwrite`` redoes them).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tqdm import tqdm
+from PIL import Image
+
+from tagclip.cli import EXIT_SKIPPED_IMAGES, SPLIT_IMAGE_EXT, default_device, guarded
+from tagclip.errors import InputError
+from tagclip.images import DEFAULT_MAX_SIDE, load_model_input
+from tagclip.labels import SplitEntry, read_split
+from tagclip.registry import get_dataset
+
+from .cams import cam_path, compute_cams, encode_cam_text, load_cam, save_cam
+
+# SPEC §5 / §8: datasets of the CAM stage.
+CAM_DATASETS = ("voc2012", "coco2017", "cocostuff")
+DEFAULT_MODEL = "ViT-B/16"
+
+
+def generate_cams_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="generate_cams.py",
+        description="CLIP-ES CAMs from a label file (SPEC §5): one {cam_out_dir}/{id}.npy per image, "
+                    "a dict {'keys': class ids, 'attn_highres': float16 K x H x W} at the image's own size "
+                    "(an id without labels gets K = 0). The model runs in float32 on every device (the "
+                    "reference ran float16 on GPUs, float32 on CPUs).")
+    p.add_argument("--dataset", required=True, choices=CAM_DATASETS,
+                   help="vocabulary (CAM-stage class names), background words, affinity blocks and box "
+                        "threshold of a paper dataset")
+    p.add_argument("--img_root", required=True, help="image folder ({img_root}/{id}.jpg)")
+    p.add_argument("--split_file", required=True,
+                   help="'id l1 l2 ...' per line: a TagCLIP label file (output/<dataset>_val_tagclip.txt) or a "
+                        "ground-truth split. Class ids index the dataset's vocabulary: for cocostuff the 171 "
+                        "classes, so a 182-index COCO-Stuff split must be converted to 171-index ids first")
+    p.add_argument("--cam_out_dir", required=True, help="output folder of the CAM files")
+    p.add_argument("--model", "--model_path", dest="model", default=DEFAULT_MODEL,
+                   help="OpenAI model name (downloaded to the cache, SHA256 checked) or a checkpoint file "
+                        "(TorchScript archive, state dict or .npz); default %(default)s")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
+                   help="on an unreadable image: stop at once (default) or skip it and report at the end")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute images whose CAM file already exists (default: keep valid ones)")
+    p.add_argument("--max_side", type=int, default=DEFAULT_MAX_SIDE,
+                   help="downscale larger images to this longest side before the model (default %(default)s: "
+                        "leaves every VOC/COCO image untouched); CAMs are still written at the file's size")
+    p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
+    return p
+
+
+def read_label_file(path, dataset: str, num_classes: int) -> list[SplitEntry]:
+    """Label-file lines, ids checked against the vocabulary; COCO-Stuff errors say which ids."""
+    try:
+        return read_split(path, num_classes=num_classes)
+    except InputError as err:
+        if dataset == "cocostuff" and "outside the vocabulary" in err.problem:
+            raise InputError(err.path, f"{err.problem} (COCO-Stuff label ids are the 171 class "
+                                       f"indices; convert a 182-index split file first)") from None
+        raise
+
+
+def is_done(path: Path, labels: Sequence[int]) -> bool:
+    """A CAM file that exists, loads and holds exactly these labels."""
+    if not path.is_file():
+        return False
+    try:
+        keys, _ = load_cam(path)
+    except InputError:
+        return False
+    return keys.tolist() == [int(c) for c in labels]
+
+
+def file_size_hw(path: Path, loaded_hw: tuple[int, int], max_side: Optional[int]) -> tuple[int, int]:
+    """The image file's own (H, W): ``loaded_hw`` unless ``max_side`` may have downscaled it."""
+    if max_side is None or max(loaded_hw) < max_side:
+        return loaded_hw
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except OSError as err:  # it was just decoded, so this is unexpected
+        raise InputError(path, f"cannot read image size: {err}") from None
+    return h, w
+
+
+def _load(path: Path, max_side: Optional[int]):
+    """(model input, original (H, W)), or the InputError of an unreadable image."""
+    try:
+        x, hw = load_model_input(path, max_side=max_side)
+        return x, file_size_hw(path, hw, max_side)
+    except InputError as err:
+        return err
+
+
+def _check_max_side(value: Optional[int]) -> None:
+    if value is not None and value < 16:
+        raise InputError("--max_side", f"must be at least 16, got {value}")
+
+
+def run_generate_cams(args) -> int:
+    _check_max_side(args.max_side)
+    dataset = get_dataset(args.dataset)
+    cfg = dataset.cam
+    entries = read_label_file(args.split_file, args.dataset, len(cfg.class_names))
+    out_dir = Path(args.cam_out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(out_dir, f"cannot create output folder ({err.strerror or err})") from None
+    device = args.device or default_device()
+    print(device)
+    print(f">>>>generating {args.split_file}")
+    print("image cnt:", len(entries))
+
+    todo: list[SplitEntry] = [e for e in entries
+                              if args.overwrite or not is_done(cam_path(out_dir, e.id), e.labels)]
+    if len(todo) < len(entries):
+        print(f"resuming: {len(entries) - len(todo)} CAM file(s) already in {out_dir}")
+    failures: list[InputError] = []
+    if todo:
+        import clip  # deferred: model code only when there is work
+
+        try:
+            model = clip.load(args.model, device=device, cache_dir=args.model_cache)
+        except RuntimeError as err:  # e.g. an unavailable CUDA device
+            raise InputError(args.model, f"cannot load on device {device!r}: {err}") from None
+        text = encode_cam_text(model, cfg)
+        root = Path(args.img_root)
+        paths = [root / f"{e.id}{SPLIT_IMAGE_EXT}" for e in todo]
+        with ThreadPoolExecutor(max_workers=1) as pool, \
+                tqdm(total=len(entries), initial=len(entries) - len(todo), unit="img", desc="cams",
+                     file=sys.stderr) as bar:
+            pending = pool.submit(_load, paths[0], args.max_side)
+            for i, entry in enumerate(todo):
+                loaded = pending.result()
+                if i + 1 < len(todo):  # decode the next image while this one runs
+                    pending = pool.submit(_load, paths[i + 1], args.max_side)
+                if isinstance(loaded, InputError):
+                    if args.on_error == "stop":
+                        raise loaded
+                    failures.append(loaded)
+                else:
+                    image, size_hw = loaded
+                    result = compute_cams(model, image, entry.labels, text, cfg, size_hw)
+                    save_cam(cam_path(out_dir, entry.id), result.keys, result.attn_highres)
+                bar.update(1)
+    if failures:
+        print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
+        for err in failures:
+            print(f"  {err}", file=sys.stderr)
+        return EXIT_SKIPPED_IMAGES
+    return 0
+
+
+def generate_cams_main(argv: Optional[Sequence[str]] = None) -> int:
+    return guarded(run_generate_cams, generate_cams_parser().parse_args(argv))
+
+
+__all__ = ["generate_cams_main", "generate_cams_parser", "run_generate_cams", "CAM_DATASETS"]
+
+if __name__ == "__main__":
+    sys.exit(generate_cams_main())
