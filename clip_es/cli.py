@@ -61,6 +61,9 @@ def generate_cams_parser() -> argparse.ArgumentParser:
                    help="downscale larger images to this longest side before the model (default %(default)s: "
                         "leaves every VOC/COCO image untouched); CAMs are still written at the file's size")
     p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
+    p.add_argument("--vis_dir", default=None,
+                   help="also draw one heat-map overlay per labelled class into this folder: "
+                        "{id}_{classname}.png (default: none)")
     return p
 
 
@@ -112,6 +115,20 @@ def _check_max_side(value: Optional[int]) -> None:
         raise InputError("--max_side", f"must be at least 16, got {value}")
 
 
+def draw_overlays(vis_dir, entries: Sequence[SplitEntry], img_root: Path, cam_dir: Path,
+                  class_names: Sequence[str]) -> None:
+    """``--vis_dir``: heat-map overlays of every labelled class, read back from the CAM files
+    (so images kept from an earlier run get pictures too)."""
+    from tagclip import vis  # deferred: matplotlib only when pictures are asked for
+
+    for entry in tqdm(entries, unit="img", desc="pictures", file=sys.stderr):
+        keys, maps = load_cam(cam_path(cam_dir, entry.id))
+        if len(keys):
+            vis.cam_overlays(img_root / f"{entry.id}{SPLIT_IMAGE_EXT}", keys.tolist(),
+                             maps.astype("float32"), class_names, vis_dir, entry.id)
+    print(f">>>pictures written to {vis_dir}")
+
+
 def run_generate_cams(args) -> int:
     _check_max_side(args.max_side)
     dataset = get_dataset(args.dataset)
@@ -159,6 +176,10 @@ def run_generate_cams(args) -> int:
                     result = compute_cams(model, image, entry.labels, text, cfg, size_hw)
                     save_cam(cam_path(out_dir, entry.id), result.keys, result.attn_highres)
                 bar.update(1)
+    if getattr(args, "vis_dir", None):
+        # failed images have no valid CAM file for their labels and get no picture
+        done = [e for e in entries if is_done(cam_path(out_dir, e.id), e.labels)]
+        draw_overlays(args.vis_dir, done, Path(args.img_root), out_dir, dataset.class_names)
     if failures:
         print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
         for err in failures:

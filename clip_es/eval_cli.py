@@ -23,8 +23,9 @@ import numpy as np
 from tagclip.errors import InputError
 from tagclip.registry import EVAL_CONFIGS, EvalConfig, get_eval_config
 
+from .cams import cam_path
 from .evaluation import (CAM_TYPE, DEFAULT_CAM_EVAL_THRES, FALLBACK_THRES, SegEvaluator, Scores,
-                         cam_path, check_dir, check_same_size, format_scores, gt_path, image_path,
+                         check_dir, check_same_size, format_scores, gt_path, image_path,
                          predict, read_bgr, read_cam, read_gt, select_threshold, threshold_candidates)
 from .masks import write_label_png
 
@@ -71,6 +72,9 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
                    help="on a bad image (CAM, GT or image file): stop at once (default) or skip it "
                         "and report at the end (exit status 1)")
+    p.add_argument("--vis_dir", default=None,
+                   help="also draw pictures into this folder: {id}.png (prediction beside the GT, with a "
+                        "colour legend) and iou_per_class.png (default: none)")
 
 
 def eval_cam_parser() -> argparse.ArgumentParser:
@@ -82,6 +86,9 @@ def eval_cam_parser() -> argparse.ArgumentParser:
                    help="reference background rule: >= 1 (default 2) uses (1 - max)^1; < 1 searches "
                         "constant background scores 0.05..0.6 and keeps the best")
     p.add_argument("--gt_root", required=True, help="folder of {id}.png GT masks")
+    p.add_argument("--image_root", default=None,
+                   help="folder of {id}.jpg images, only for the --vis_dir pictures (without it they "
+                        "show prediction and GT only)")
     return p
 
 
@@ -167,6 +174,24 @@ def _report(config: EvalConfig, evaluator: SegEvaluator, args, thres: Optional[f
     return 0
 
 
+def _vis_file(args, image_id: str) -> Optional[str]:
+    vis_dir = getattr(args, "vis_dir", None)
+    return str(Path(vis_dir) / f"{image_id}.png") if vis_dir else None
+
+
+def _iou_chart(args, config: EvalConfig, evaluator: SegEvaluator, title: str) -> None:
+    """``--vis_dir``: per-class IoU bars (classes never seen in GT or prediction as n/a)."""
+    if not getattr(args, "vis_dir", None):
+        return
+    from tagclip.vis import bar_chart
+
+    scores = evaluator.scores()
+    bar_chart(config.class_names, scores.class_iou.tolist(),
+              f"{title}: IoU per class (mIoU {scores.miou:.4f}, {evaluator.images} images)",
+              Path(args.vis_dir) / "iou_per_class.png", xlabel="IoU")
+    print(f">>>pictures written to {args.vis_dir}")
+
+
 def _fail(failures: list, image_id: str, err: InputError, on_error: str) -> None:
     if on_error == "stop":
         raise err
@@ -228,6 +253,27 @@ def run_eval_cam(args) -> int:
             write_label_png(_mask_path(mask_dir, image_id), labels, confidence, args.confidence_threshold)
     if mask_dir is not None:
         print(f">>>pseudo masks written to {mask_dir}")
+    if getattr(args, "vis_dir", None):
+        from tagclip.vis import mask_comparison
+
+        failed = {f.image_id for f in failures}
+        for image_id in ids:
+            if image_id in failed:
+                continue
+            keys, cams, gt = _load_cam_and_gt(args, config, image_id)
+            labels, _ = predict(keys, cams, config, final)
+            image = None
+            if args.image_root:
+                try:
+                    bgr = read_bgr(image_path(args.image_root, image_id))
+                    check_same_size(image_path(args.image_root, image_id), bgr.shape[:2], labels.shape, "image")
+                    image = bgr[..., ::-1]
+                except InputError as err:  # a picture problem never changes the evaluation
+                    print(f"warning: {err} (picture without the image)", file=sys.stderr)
+            mask_comparison(image, labels, gt, config.class_names, _vis_file(args, image_id),
+                            title=f"{image_id} (CAM, thres {final})" if config.has_background
+                            else f"{image_id} (CAM)")
+        _iou_chart(args, config, evaluators[final], "CAM")
     extra = {"thres": final} if config.has_background else {}
     return _report(config, evaluators[final], args, final if config.has_background else None, failures, extra)
 
@@ -242,6 +288,7 @@ class CrfTask(NamedTuple):
     gt_file: Optional[str]
     mask_file: Optional[str]
     confidence_threshold: Optional[float]
+    vis_file: Optional[str] = None      # --vis_dir: comparison picture of this image
 
 
 class CrfResult(NamedTuple):
@@ -270,6 +317,11 @@ def crf_worker(task: CrfTask) -> CrfResult:
         labels, confidence = crf_predict(keys, cams, bgr, config)
         if task.mask_file is not None:
             write_label_png(task.mask_file, labels, confidence, task.confidence_threshold)
+        if task.vis_file is not None:
+            from tagclip.vis import mask_comparison
+
+            mask_comparison(bgr[..., ::-1], labels, gt, config.class_names, task.vis_file,
+                            title=f"{task.image_id} (CRF)")
     except InputError as err:
         return CrfResult(task.image_id, None, 0, (err.path, err.problem))
     if gt is None:
@@ -314,7 +366,7 @@ def run_eval_crf(args) -> int:
                      str(image_path(args.image_root, image_id)),
                      str(gt_path(args.gt_root, image_id)) if args.gt_root else None,
                      str(_mask_path(mask_dir, image_id)) if mask_dir is not None else None,
-                     args.confidence_threshold)
+                     args.confidence_threshold, _vis_file(args, image_id))
              for image_id in ids]
     evaluator = SegEvaluator(config.num_classes)
     failures: list[Failure] = []
@@ -326,6 +378,10 @@ def run_eval_crf(args) -> int:
                 evaluator.add_hist(result.hist, 1, result.unexpected_gt_pixels)
     if mask_dir is not None:
         print(f">>>pseudo masks written to {mask_dir}")
+    if args.gt_root:
+        _iou_chart(args, config, evaluator, "CRF")
+    elif getattr(args, "vis_dir", None):
+        print(f">>>pictures written to {args.vis_dir}")
     if not args.gt_root:
         if failures:
             print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)

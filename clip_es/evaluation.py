@@ -345,10 +345,6 @@ def check_same_size(path, shape_hw, cam_shape_hw, what: str) -> None:
                                f"{cam_shape_hw[1]}x{cam_shape_hw[0]}")
 
 
-def cam_path(cam_out_dir, image_id: str) -> Path:
-    return Path(cam_out_dir) / f"{image_id}.npy"
-
-
 def gt_path(gt_root, image_id: str) -> Path:
     return Path(gt_root) / f"{image_id}.png"
 

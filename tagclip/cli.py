@@ -82,6 +82,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "leaves every VOC/COCO image untouched)")
     p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
     p.add_argument("--no_text_cache", action="store_true", help="do not read or write cached text features")
+    p.add_argument("--vis_dir", default=None,
+                   help="also draw pictures into this folder: {id}.png (the image with its tags and scores) "
+                        "and, with labels in the split file, ap_per_class.png (default: none)")
 
 
 def classify_parser() -> argparse.ArgumentParser:
@@ -226,6 +229,8 @@ def run_classify(args) -> int:
     if args.scores_out:
         write_scores(args.scores_out, [e.id for e in ok_entries], vocab.names, ok_scores)
         print(f">>>scores written to {args.scores_out}")
+    if getattr(args, "vis_dir", None):
+        write_pictures(args.vis_dir, ok_entries, [paths[i] for i in ok], vocab.names, ok_scores, lines)
     if failures:  # the journal stays: a rerun only retries the failed images
         print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
         for err in failures:
@@ -233,6 +238,29 @@ def run_classify(args) -> int:
         return EXIT_SKIPPED_IMAGES
     journal.remove()  # outputs are complete; a rerun starts afresh
     return 0
+
+
+def write_pictures(vis_dir, entries: Sequence[SplitEntry], paths: Sequence[Path], names: Sequence[str],
+                   scores: torch.Tensor, lines: Sequence[str]) -> None:
+    """``--vis_dir``: each image with its label-file tags and scores; the per-class AP chart
+    when the entries carry labels (classes without a positive image shown as missing)."""
+    from . import vis  # deferred: matplotlib only when pictures are asked for
+
+    rows = scores.detach().cpu().numpy()
+    for entry, path, line, row in tqdm(list(zip(entries, paths, lines, rows)), unit="img", desc="pictures",
+                                       file=sys.stderr):
+        tags = [(names[int(c)], float(row[int(c)])) for c in line.split()[1:]]
+        vis.draw_tags(path, tags, Path(vis_dir) / f"{entry.id}.png")
+    if any(e.labels for e in entries) and len(entries):
+        from .metrics import average_precision
+
+        onehot = labels_to_onehot(entries, len(names))
+        ap = average_precision(scores, onehot).tolist()
+        has_pos = onehot.bool().any(dim=0).tolist()
+        values = [v if pos else float("nan") for v, pos in zip(ap, has_pos)]
+        vis.bar_chart(names, values, f"AP per class ({len(entries)} images; n/a: no positive image)",
+                      Path(vis_dir) / "ap_per_class.png", xlabel="average precision")
+    print(f">>>pictures written to {vis_dir}")
 
 
 def guarded(run, args) -> int:
@@ -252,7 +280,7 @@ def classify_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``tagclip {classify,tag,demo} ...``"""
+    """``tagclip {classify,tag,segment,demo} ...``"""
     p = argparse.ArgumentParser(prog="tagclip", description="TagCLIP: open-vocabulary image tagging with CLIP")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("classify", help="classify.py: the paper's classification run", add_help=False)
@@ -261,6 +289,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tag.add_argument("--dataset", default="voc2007", choices=list(DATASETS),
                      help="thresholds to use (and the vocabulary when --classes is not given)")
     add_run_arguments(tag)
+    seg = sub.add_parser("segment", help="tags -> CAMs -> masks for every image in a folder, your class names")
+    from .segment import add_segment_arguments, run_segment
+    add_segment_arguments(seg)
     demo = sub.add_parser("demo", help="tag the bundled sample images with the VOC and COCO vocabularies")
     from .demo import add_demo_arguments, run_demo
     add_demo_arguments(demo)
@@ -271,6 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "tag":
         args.split_file, args.save_file = None, False
         return guarded(run_classify, args)
+    if args.command == "segment":
+        return guarded(run_segment, args)
     return guarded(run_demo, args)
 
 
