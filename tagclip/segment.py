@@ -4,7 +4,8 @@ The same library code as the paper scripts, in one run: TagCLIP tags every image
 (:class:`tagclip.Tagger`), CLIP-ES turns each image's tags into refined CAMs
 (:func:`clip_es.cams.compute_cams`), the argmax with the background score of SPEC §6 (or the
 dense CRF with ``--crf``) gives the label map, written as a palette PNG (value = 1 + index of the
-class in ``--classes``, 0 = background, 255 = below ``--confidence_threshold``).
+class in ``--classes``, 0 = background, 255 = below ``--confidence_threshold``), with a picture
+of the image beside its mask and a colour legend.
 
 Choices for an open vocabulary (the paper fixes them per dataset): the CAM stage uses the
 class names as given (no synonyms), the ``--background`` words or else the single word
@@ -48,6 +49,7 @@ def run_segment(args) -> int:
     from clip_es.masks import write_label_png
 
     from .cli import default_device, parse_word_list
+    from .vis import mask_comparison
     from .tagger import Tagger
 
     names = parse_word_list(args.classes)
@@ -90,9 +92,12 @@ def run_segment(args) -> int:
         write_label_png(out / "masks" / f"{image_id}.png", label_map,
                         confidence if args.confidence_threshold is not None else None,
                         args.confidence_threshold)
+        mask_comparison(path, label_map, None, eval_cfg.class_names, out / "overlays" / f"{image_id}.png",
+                        title=f"{image_id}: " + ", ".join(tags[image_id]))
     legend = {"0": "background", **{str(i + 1): n for i, n in enumerate(names)}}
     write_text_atomic(out / LEGEND_FILE, json.dumps({"labels": legend, "tags": tags}, indent=1) + "\n")
-    print(f"masks: {out / 'masks'}  CAMs: {out / 'cams'}  legend and tags: {out / LEGEND_FILE}")
+    print(f"masks: {out / 'masks'}  pictures: {out / 'overlays'}  CAMs: {out / 'cams'}  "
+          f"legend and tags: {out / LEGEND_FILE}")
     if failures:
         print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
         for err in failures:

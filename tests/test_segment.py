@@ -37,6 +37,7 @@ def test_segment_folder(folder, tmp_path, extra):
         assert tagged, "every image gets at least its best class"
         keys, maps = load_cam(out / "cams" / f"{name}.npy")
         assert keys.tolist() == tagged and maps.shape == (len(tagged), h, w)
+        assert Image.open(out / "overlays" / f"{name}.png").size[1] > 0
         mask = Image.open(out / "masks" / f"{name}.png")
         assert mask.mode == "P" and mask.size == (w, h)
         values = set(np.unique(np.asarray(mask)).tolist())
