@@ -70,7 +70,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="background words for --classes (file or comma list; default: none)")
     p.add_argument("--output_dir", default="./output", help="where the label file goes (default ./output)")
     p.add_argument("--scores_out", default=None,
-                   help="write the score matrix: .npy (float32, rows in split order) or .csv (header of class names)")
+                   help="write the score matrix: .npy (float32, rows in split order), "
+                        ".csv (header of class names) or .json ({id: {class: score}})")
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="images of equal size per forward pass (default %(default)s)")
     p.add_argument("--on_error", choices=("stop", "skip"), default="stop",

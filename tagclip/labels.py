@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import tempfile
@@ -35,7 +36,7 @@ from tagclip.metrics import relative_thresholds
 _INT_TOKEN = re.compile(r"-?[0-9]+")
 # '%.9g' prints every float32 value so that it parses back to the same float32.
 _CSV_FLOAT_FORMAT = "%.9g"
-_SCORE_EXTENSIONS = (".npy", ".csv")
+_SCORE_EXTENSIONS = (".npy", ".csv", ".json")
 _UTF8_BOM = b"\xef\xbb\xbf"
 # Permissions of a newly written file (mkstemp would leave 0600); an existing target keeps its own.
 _NEW_FILE_MODE = 0o644
@@ -199,13 +200,14 @@ def write_scores(path, ids: Sequence[str], class_names: Sequence[str], scores) -
     """Save the score matrix (rows in split order, columns in class order) atomically.
 
     ``.npy``: the float32 matrix. ``.csv``: header ``id,<class names...>`` then one row per
-    image, id first, scores formatted with ``'%.9g'`` (exact for float32). Other extensions
-    are an :class:`InputError`.
+    image, id first, scores formatted with ``'%.9g'`` (exact for float32). ``.json``:
+    ``{id: {class name: score}}`` in split and class order. Other extensions are an
+    :class:`InputError`.
     """
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in _SCORE_EXTENSIONS:
-        raise InputError(path, f"unsupported scores file extension '{path.suffix}' (use .npy or .csv)")
+        raise InputError(path, f"unsupported scores file extension '{path.suffix}' (use .npy, .csv or .json)")
     matrix = torch.as_tensor(scores).detach().cpu().to(torch.float32).numpy()
     if matrix.ndim != 2 or matrix.shape != (len(ids), len(class_names)):
         raise ValueError(
@@ -214,6 +216,11 @@ def write_scores(path, ids: Sequence[str], class_names: Sequence[str], scores) -
     if ext == ".npy":
         with _atomic_binary(path) as handle:
             np.save(handle, np.ascontiguousarray(matrix), allow_pickle=False)
+        return
+    if ext == ".json":
+        table = {image_id: {name: float(_CSV_FLOAT_FORMAT % float(v)) for name, v in zip(class_names, row)}
+                 for image_id, row in zip(ids, matrix)}
+        write_text_atomic(path, json.dumps(table, indent=1, ensure_ascii=False) + "\n")
         return
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

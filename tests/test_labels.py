@@ -238,8 +238,20 @@ def test_write_scores_bad_extension(tmp_path):
     path = tmp_path / "scores.txt"
     with pytest.raises(InputError) as err:
         write_scores(path, ["a"], ["c"], torch.zeros(1, 1))
-    assert str(err.value) == f"{path}: unsupported scores file extension '.txt' (use .npy or .csv)"
+    assert str(err.value) == f"{path}: unsupported scores file extension '.txt' (use .npy, .csv or .json)"
     assert not path.exists()
+
+
+def test_write_scores_json_round_trip(tmp_path):
+    import json
+    names = ["cat", "wall,brick"]
+    scores = torch.tensor([[0.1, 1 / 3], [2e-8, 0.75]], dtype=torch.float32)
+    path = tmp_path / "scores.json"
+    write_scores(path, ["img1", "img2"], names, scores)
+    table = json.loads(path.read_text(encoding="utf-8"))
+    assert list(table) == ["img1", "img2"] and list(table["img1"]) == names
+    parsed = np.array([[table[i][n] for n in names] for i in ("img1", "img2")], dtype=np.float32)
+    np.testing.assert_array_equal(parsed, scores.numpy())  # exact float32 round trip
 
 
 def test_write_scores_shape_mismatch_writes_nothing(tmp_path):
