@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import functools
 import io
-import os
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from PIL import Image
 
-from tagclip.errors import InputError
+from tagclip.labels import atomic_writer
 
 IGNORE_LABEL = 255
-# Permissions of a newly written mask (mkstemp alone would leave 0600).
-_NEW_FILE_MODE = 0o644
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,28 +69,9 @@ def encode_label_png(labels: np.ndarray) -> bytes:
 
 
 def write_bytes_atomic(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (creating the folder); OS errors -> InputError."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise InputError(path, f"cannot create output file ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), _NEW_FILE_MODE)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise InputError(path, f"cannot write file ({exc.strerror or exc})") from None
-        raise
+    """Write ``data`` to ``path`` atomically (:func:`tagclip.labels.atomic_writer`)."""
+    with atomic_writer(path) as handle:
+        handle.write(data)
 
 
 def write_label_png(path, labels: np.ndarray, confidence: Optional[np.ndarray] = None,

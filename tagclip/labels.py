@@ -161,8 +161,11 @@ def label_file_name(dataset: str) -> str:
 
 
 @contextmanager
-def _atomic_binary(path) -> Iterator[io.BufferedWriter]:
-    """Yield a binary file that replaces ``path`` atomically when the block succeeds."""
+def atomic_writer(path) -> Iterator[io.BufferedWriter]:
+    """Yield a binary file that replaces ``path`` atomically when the block succeeds: a
+    temporary file in the same folder, fsync'ed, then ``os.replace``; the folder is created; an
+    existing file keeps its permission bits. OS errors become :class:`InputError` naming
+    ``path``; on any error nothing is left behind. Every output of the toolkit goes through it."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +195,7 @@ def _atomic_binary(path) -> Iterator[io.BufferedWriter]:
 
 def write_text_atomic(path, text: str) -> None:
     """Write ``text`` as UTF-8 (newlines untranslated) to ``path`` atomically."""
-    with _atomic_binary(path) as handle:
+    with atomic_writer(path) as handle:
         handle.write(text.encode("utf-8"))
 
 
@@ -214,7 +217,7 @@ def write_scores(path, ids: Sequence[str], class_names: Sequence[str], scores) -
             f"scores shape {tuple(matrix.shape)} does not match {len(ids)} ids x {len(class_names)} classes"
         )
     if ext == ".npy":
-        with _atomic_binary(path) as handle:
+        with atomic_writer(path) as handle:
             np.save(handle, np.ascontiguousarray(matrix), allow_pickle=False)
         return
     if ext == ".json":
