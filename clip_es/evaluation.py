@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tagclip.errors import InputError
+from tagclip.labels import read_bytes
 
 from .cams import load_cam
 from tagclip.registry import EvalConfig
@@ -325,14 +326,7 @@ def read_bgr(path) -> np.ndarray:
     import cv2
 
     path = Path(path)
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except FileNotFoundError:
-        raise InputError(path, "image not found") from None
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, not an image") from None
-    except OSError as exc:
-        raise InputError(path, f"cannot read image ({exc.strerror or exc})") from None
+    data = np.frombuffer(read_bytes(path, "image"), dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
     if image is None:
         raise InputError(path, "cannot decode image")

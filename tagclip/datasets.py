@@ -64,6 +64,7 @@ import numpy as np
 from PIL import Image
 
 from tagclip.errors import InputError
+from tagclip.labels import read_bytes, write_text_atomic
 from tagclip.vocab import COCO_CLASSES, COCO_STUFF_182, COCO_STUFF_UNUSED, VOC_CLASSES
 
 DATASET_NAMES = ("voc2007", "voc2012", "coco2014", "coco2017", "cocostuff")
@@ -99,17 +100,6 @@ class CheckError(Exception):
 
 # ----------------------------------------------------------------------------- helpers
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, not a file") from None
-    except OSError as exc:
-        raise InputError(path, f"cannot read file ({exc.strerror or exc})") from None
-
-
 def _require_dir(path: Path, what: str) -> None:
     if not path.exists():
         raise InputError(path, f"{what} not found")
@@ -126,7 +116,7 @@ def format_split(rows: Iterable[tuple[str, Sequence[int]]]) -> str:
 
 def _voc_ids(path: Path) -> list[str]:
     try:
-        text = _read_bytes(path).decode("utf-8")
+        text = read_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(path, "not UTF-8 text") from None
     ids = []
@@ -148,7 +138,7 @@ def _voc_ids(path: Path) -> list[str]:
 
 def voc_labels(xml_path: Path, skip_difficult: bool = False) -> list[int]:
     """Class ids of one VOC annotation, each once, in order of first appearance."""
-    data = _read_bytes(xml_path)
+    data = read_bytes(xml_path)
     try:
         root = ET.fromstring(data)
     except ET.ParseError as exc:
@@ -195,7 +185,7 @@ def load_coco(json_path):
     from pycocotools.coco import COCO
 
     json_path = Path(json_path)
-    data = _read_bytes(json_path)
+    data = read_bytes(json_path)
     try:
         dataset = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -414,7 +404,6 @@ def prepare(dataset: str, root, out=None, skip_difficult: bool = False, check: b
         rows = prepare_cocostuff(root)
     if check:
         check_size(dataset, len(rows))
-    from tagclip.labels import write_text_atomic
 
     write_text_atomic(out, format_split(rows))
     if log:

@@ -49,15 +49,21 @@ class SplitEntry(NamedTuple):
     labels: tuple[int, ...]
 
 
-def _read_text(path: Path) -> str:
+def read_bytes(path, what: str = "file") -> bytes:
+    """The bytes of a user's file; a missing file, a folder or an OS error -> one-line InputError."""
+    path = Path(path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
-        raise InputError(path, "file not found") from None
+        raise InputError(path, f"{what} not found") from None
     except IsADirectoryError:
-        raise InputError(path, "is a directory, not a file") from None
+        raise InputError(path, f"is a directory, not a{'n' if what[0] in 'aeiou' else ''} {what}") from None
     except OSError as exc:
-        raise InputError(path, f"cannot read file ({exc.strerror or exc})") from None
+        raise InputError(path, f"cannot read {what} ({exc.strerror or exc})") from None
+
+
+def _read_text(path: Path) -> str:
+    data = read_bytes(path)
     # A leading byte-order mark is dropped so that it does not become part of the first id.
     start = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
     try:
