@@ -38,9 +38,9 @@ from PIL import Image, UnidentifiedImageError
 
 from tagclip.errors import InputError
 from tagclip.labels import read_bytes
+from tagclip.registry import EvalConfig
 
 from .cams import load_cam
-from tagclip.registry import EvalConfig
 
 IGNORE_LABEL = 255
 # Reference CAM type: the only array of the CAM dict that is evaluated.
