@@ -1,6 +1,6 @@
 """Benchmark TagCLIP classification end to end on a full-size random ViT-B/16.
 
-    python benchmarks/bench_classify.py [--n 8] [--device cpu] [--batch_size 8]
+    python benchmarks/bench_classify.py [--n 8] [--device cpu] [--batch_size 8] [--precision bf16]
 
 Builds a ViT-B/16 with random float16 weights from a seed (no download), writes N synthetic
 500×375 JPEGs and a VOC split file, then measures:
@@ -92,6 +92,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--precision", choices=tuple(clip.PRECISIONS), default="fp32",
+                   help="model weights (classify.py --precision and clip.load dtype; default fp32, the "
+                        "reference's setting)")
     p.add_argument("--workdir", default=None, help="keep files here (default: a temporary folder)")
     p.add_argument("--skip_cold", action="store_true", help="skip the two subprocess runs")
     p.add_argument("--skip_plain", action="store_true", help="skip the plain batch-size-1 baseline")
@@ -111,7 +114,8 @@ def main() -> None:
     split.write_text("".join(f"{i} {' '.join(map(str, sorted(rng.choice(20, 2, replace=False))))}\n" for i in ids))
     cli = ["--dataset", DATASET, "--img_root", str(work / "JPEGImages"), "--split_file", str(split),
            "--model_path", str(ckpt), "--device", args.device, "--batch_size", str(args.batch_size),
-           "--output_dir", str(work / "output"), "--scores_out", str(work / "scores.npy")]
+           "--output_dir", str(work / "output"), "--scores_out", str(work / "scores.npy"),
+           "--precision", args.precision]
 
     rows = []
     if not args.skip_cold:
@@ -123,7 +127,7 @@ def main() -> None:
         child_rss = peak_rss_mb(resource.RUSAGE_CHILDREN)
 
     device = torch.device(args.device)
-    model = clip.load(str(ckpt), device=device)
+    model = clip.load(str(ckpt), device=device, dtype=clip.precision_dtype(args.precision))
     cfg = get_dataset(DATASET)
     names = list(cfg.class_names) + list(cfg.background)
     t0 = time.perf_counter()
@@ -185,7 +189,7 @@ def main() -> None:
     rows.append(("per image, text cached (s)", per_image, REF_PER_IMAGE_S))
     rows.append(("  main forward, batch 1 (s)", main_s, REF_MAIN_FORWARD_S))
 
-    print(f"\n{args.n} images {IMAGE_WH[0]}x{IMAGE_WH[1]}, device {args.device}, "
+    print(f"\n{args.n} images {IMAGE_WH[0]}x{IMAGE_WH[1]}, device {args.device}, precision {args.precision}, "
           f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}")
     print(f"{'measure':<40}{'ours':>10}{'reference':>12}{'speed-up':>10}")
     for name, ours, ref in rows:

@@ -309,6 +309,18 @@ def load_checkpoint(
     return state, sha256_of_file(path, cache_dir)
 
 
+# ``--precision`` names -> parameter dtypes (README "Precision").
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision_dtype(name: str) -> torch.dtype:
+    """The dtype of a ``--precision`` name (fp32, fp16, bf16)."""
+    try:
+        return PRECISIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}") from None
+
+
 def load(
     name_or_path: str | os.PathLike = "ViT-B/16", device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None, download: bool = True,
@@ -316,7 +328,8 @@ def load(
     """A ready CLIP model (eval mode, no parameter gradients) with ``checkpoint_sha256`` set.
 
     OpenAI stores float16 weights; by default they are copied into float32 parameters, as
-    the reference's classification does (SPEC §2).
+    the reference's classification does (SPEC §2). ``dtype`` float16 / bfloat16 casts every
+    parameter; LayerNorms still compute in float32 and attention maps are returned in float32.
     """
     from .model import build_model  # local: keeps this module importable without the model
 

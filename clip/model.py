@@ -54,11 +54,14 @@ class Linear(nn.Linear):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype (SPEC §2)."""
+    """LayerNorm computed in float32 (input, weight and bias) whatever the dtypes (SPEC §2);
+    the result has the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        return super().forward(x.float()).to(dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(dtype)
 
 
 class QuickGELU(nn.Module):
@@ -110,15 +113,24 @@ class Attention(nn.Module):
 
     def _explicit(self, q, k, v, mask, is_causal):
         """Reference order: scaled q @ kᵀ; the returned map is the softmax WITHOUT the mask,
-        the output uses the masked one. (b, h, Lq, d) -> ((b, h, Lq, d), (b, Lq, L))."""
+        the output uses the masked one. (b, h, Lq, d) -> ((b, h, Lq, d), (b, Lq, L)).
+
+        The returned map is always float32: for float16 / bfloat16 models the scores are
+        upcast before its softmax (thresholds downstream read it); the output path keeps
+        the model's dtype.
+        """
         scores = q @ k.transpose(-2, -1)  # (b, heads, Lq, L)
-        weights = torch.softmax(scores, dim=-1)
+        low = scores.dtype != torch.float32
+        weights = scores.float().softmax(dim=-1) if low else torch.softmax(scores, dim=-1)
         if is_causal:
             causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
             scores = scores.masked_fill(causal, float("-inf"))
         if mask is not None:
-            scores = scores + mask
-        probs = torch.softmax(scores, dim=-1) if (mask is not None or is_causal) else weights
+            scores = scores + mask.to(scores.dtype)
+        if mask is not None or is_causal:
+            probs = torch.softmax(scores, dim=-1)
+        else:
+            probs = weights.to(scores.dtype) if low else weights
         return probs @ v, weights.sum(dim=1) / self.heads  # reference: sum / num_heads
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,

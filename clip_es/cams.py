@@ -28,6 +28,10 @@ A CAM file ``{id}.npy`` is what the reference's ``np.save`` wrote: a pickled dic
 :func:`load_cam`). :func:`load_cam` unpickles with a whitelist (numpy arrays only), so a CAM
 folder from elsewhere cannot run code.
 
+Precision (``--precision``): the trunk and the Grad-CAM forward/backward run in the model's
+dtype; attention maps come back float32 from the model, and the probabilities, the gradients
+(cast on arrival), the CAMs, the affinity and the refinement are float32.
+
 The whole stage decides text vs. image by argument, never by sequence length, so a 76-patch
 image (e.g. 304×64), on which the reference crashes (Q8), is handled like any other.
 """

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from tqdm import tqdm
 from PIL import Image
 
-from tagclip.cli import EXIT_SKIPPED_IMAGES, SPLIT_IMAGE_EXT, default_device, guarded
+from tagclip.cli import EXIT_SKIPPED_IMAGES, PRECISION_CHOICES, SPLIT_IMAGE_EXT, default_device, guarded
 from tagclip.errors import InputError
 from tagclip.images import DEFAULT_MAX_SIDE, load_model_input
 from tagclip.labels import SplitEntry, read_split
@@ -38,8 +38,8 @@ def generate_cams_parser() -> argparse.ArgumentParser:
         prog="generate_cams.py",
         description="CLIP-ES CAMs from a label file (SPEC §5): one {cam_out_dir}/{id}.npy per image, "
                     "a dict {'keys': class ids, 'attn_highres': float16 K x H x W} at the image's own size "
-                    "(an id without labels gets K = 0). The model runs in float32 on every device (the "
-                    "reference ran float16 on GPUs, float32 on CPUs).")
+                    "(an id without labels gets K = 0). The model runs as the reference's did: float16 on "
+                    "CUDA, float32 elsewhere (--precision overrides).")
     p.add_argument("--dataset", required=True, choices=CAM_DATASETS,
                    help="vocabulary (CAM-stage class names), background words, affinity blocks and box "
                         "threshold of a paper dataset")
@@ -53,6 +53,10 @@ def generate_cams_parser() -> argparse.ArgumentParser:
                    help="OpenAI model name (downloaded to the cache, SHA256 checked) or a checkpoint file "
                         "(TorchScript archive, state dict or .npz); default %(default)s")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                   help="model weights in float32, float16 or bfloat16 (default: fp16 on CUDA, fp32 elsewhere, "
+                        "as the reference); Grad-CAM runs in this dtype, the gradients, CAMs, affinity and "
+                        "refinement in float32")
     p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
                    help="on an unreadable image: stop at once (default) or skip it and report at the end")
     p.add_argument("--overwrite", action="store_true",
@@ -65,6 +69,15 @@ def generate_cams_parser() -> argparse.ArgumentParser:
                    help="also draw one heat-map overlay per labelled class into this folder: "
                         "{id}_{classname}.png (default: none)")
     return p
+
+
+def cam_precision(precision: Optional[str], device) -> str:
+    """``--precision``, or the reference's rule when it is not given: fp16 on CUDA, fp32 elsewhere."""
+    if precision:
+        return precision
+    import torch
+
+    return "fp16" if torch.device(device).type == "cuda" else "fp32"
 
 
 def read_label_file(path, dataset: str, num_classes: int) -> list[SplitEntry]:
@@ -140,6 +153,7 @@ def run_generate_cams(args) -> int:
     except OSError as err:
         raise InputError(out_dir, f"cannot create output folder ({err.strerror or err})") from None
     device = args.device or default_device()
+    precision = cam_precision(getattr(args, "precision", None), device)
     print(device)
     print(f">>>>generating {args.split_file}")
     print("image cnt:", len(entries))
@@ -153,7 +167,8 @@ def run_generate_cams(args) -> int:
         import clip  # deferred: model code only when there is work
 
         try:
-            model = clip.load(args.model, device=device, cache_dir=args.model_cache)
+            model = clip.load(args.model, device=device, dtype=clip.precision_dtype(precision),
+                              cache_dir=args.model_cache)
         except RuntimeError as err:  # e.g. an unavailable CUDA device
             raise InputError(args.model, f"cannot load on device {device!r}: {err}") from None
         text = encode_cam_text(model, cfg)

@@ -6,7 +6,7 @@ File format (text, one record per line, each line flushed and fsync'ed as it is 
     <image id>\t<file stamp>\t<score as float.hex()> <score> ...
 
 The run key hashes everything that changes scores (checkpoint, vocabulary, method
-parameters, image options, device type); a journal with another key or header is ignored and
+parameters, image options, device type, precision); a journal with another key or header is ignored and
 replaced. The file stamp (size and mtime of the image) lets a resumed run redo an image that
 was replaced in the meantime.
 A torn last line (the process died mid-write) is ignored. Scores round-trip exactly.

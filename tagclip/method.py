@@ -211,9 +211,9 @@ def crop_probabilities(model: CLIP, crops: torch.Tensor, regions: torch.Tensor,
     """(K, 3, S, S) crops -> (K, C) softmax over all classes of the region-restricted class token."""
     visual = model.visual
     masks = region_masks(regions, visual.transformer.layers, params.region_mask_value)
-    cls = visual(crops, masks, cls_only=True).tokens[:, 0]  # (K, E)
+    cls = visual(crops, masks, cls_only=True).tokens[:, 0].float()  # (K, E), float32 from here on
     cls = cls / cls.norm(dim=-1, keepdim=True)
-    return (model.logit_scale.exp() * cls @ text.t()).softmax(dim=-1)
+    return (model.logit_scale.float().exp() * cls @ text.float().t()).softmax(dim=-1)
 
 
 def fuse(scores: torch.Tensor, jobs: Sequence[CropJob], probs: torch.Tensor, weight: float) -> torch.Tensor:
@@ -247,15 +247,19 @@ def _chunks(n: int, size: Optional[int]) -> list[slice]:
 @torch.no_grad()
 def local_pass(model: CLIP, images: torch.Tensor, text: torch.Tensor,
                params: TagCLIPParams) -> tuple[torch.Tensor, ...]:
-    """Steps 1-6 on (B, 3, H, W) images of one size: (S, R, S₁, S₂)."""
+    """Steps 1-6 on (B, 3, H, W) images of one size: (S, R, S₁, S₂).
+
+    The vision tower runs in the model's dtype; its tokens and maps are cast to float32
+    here, so steps 2-6 always run in float32.
+    """
     visual = model.visual
     patch = visual.patch_size
     grid = (images.shape[-2] // patch, images.shape[-1] // patch)
     masks = self_only_masks(visual.transformer.layers, 1 + grid[0] * grid[1], params.self_mask_value,
                             device=images.device, dtype=images.dtype)
     out = visual(images, masks, need_weights=True)
-    coarse = coarse_scores(out.tokens, text, model.logit_scale)
-    maps = patch_maps(out.attentions)
+    coarse = coarse_scores(out.tokens.float(), text.float(), model.logit_scale.float())
+    maps = patch_maps([a.float() for a in out.attentions])
     refine = refinement_matrix(maps, params.refine_layers, attention_vote(maps, params.vote_min_layers))
     del maps, out
     attn_refined = attention_refine(refine, coarse)
@@ -270,8 +274,10 @@ def classify_batch(model: CLIP, images: torch.Tensor, text: torch.Tensor, n_fore
 
     The main pass runs ``main_chunk`` images at a time and the crops of the whole batch
     ``crop_chunk`` at a time (None: all at once). Results do not depend on the chunking
-    beyond float rounding; CPUs are fastest with one image per main pass.
+    beyond float rounding; CPUs are fastest with one image per main pass. Every step after
+    the forwards runs in float32 whatever the model's dtype (``--precision``).
     """
+    images, text = images.float(), text.float()
     visual = model.visual
     patch = visual.patch_size
     grid = (images.shape[-2] // patch, images.shape[-1] // patch)

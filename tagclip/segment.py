@@ -61,7 +61,8 @@ def run_segment(args) -> int:
                                              "pixel layout, as the datasets' masks do")
     files = iter_image_files(args.img_root)
     device = args.device or default_device()
-    model = clip.load(args.model_path, device=device, cache_dir=args.model_cache)
+    model = clip.load(args.model_path, device=device, cache_dir=args.model_cache,
+                      dtype=clip.precision_dtype(getattr(args, "precision", None) or "fp32"))
     tagger = Tagger(model, names, background, use_text_cache=not args.no_text_cache, batch_size=1)
     cam_cfg = CamConfig(tuple(names), tuple(background) or COCO_STUFF_CAM_BACKGROUND,
                         COCO_AFFINITY_LAYERS, COCO_CAM_BOX_THRESHOLD, len(names) + 1)

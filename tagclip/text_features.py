@@ -6,9 +6,9 @@ the stacked rows once more before use; :func:`class_embeddings` does the same, s
 are bit-for-bit what the reference multiplies with.
 
 Encoding 45 classes × 85 prompts costs minutes on a CPU, so results are cached under
-``<cache>/text/<key>.npy`` where the key hashes the checkpoint's SHA256, the class names and
-the templates. Prompts are encoded in length-sorted batches, each cut after its longest
-prompt (exact under the causal mask).
+``<cache>/text/<key>.npy`` where the key hashes the checkpoint's SHA256, the class names,
+the templates and the model's dtype. Prompts are encoded in length-sorted batches, each cut
+after its longest prompt (exact under the causal mask).
 """
 from __future__ import annotations
 
@@ -33,9 +33,18 @@ TEXT_BATCH_SIZE = 256
 CACHE_FORMAT_VERSION = 1
 
 
-def cache_key(checkpoint_sha256: str, names: Sequence[str], templates: Sequence[str]) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32', 'float16', 'bfloat16', ... (torch.float32 -> 'float32')."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def cache_key(checkpoint_sha256: str, names: Sequence[str], templates: Sequence[str],
+              dtype: torch.dtype = torch.float32) -> str:
+    """Cache file name: hashes the checkpoint, the class names, the templates and the dtype
+    the text tower ran in (float32 and bfloat16 features differ, so they never share a file)."""
     payload = json.dumps({"v": CACHE_FORMAT_VERSION, "ckpt": checkpoint_sha256,
-                          "names": list(names), "templates": list(templates)},
+                          "names": list(names), "templates": list(templates),
+                          "dtype": dtype_name(dtype)},
                          ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
@@ -43,7 +52,10 @@ def cache_key(checkpoint_sha256: str, names: Sequence[str], templates: Sequence[
 @torch.no_grad()
 def encode_prompt_ensemble(model: CLIP, names: Sequence[str], templates: Sequence[str],
                            batch_size: int = TEXT_BATCH_SIZE) -> torch.Tensor:
-    """(len(names), E) float32 rows, each the normalised mean of normalised prompt embeddings."""
+    """(len(names), E) float32 rows, each the normalised mean of normalised prompt embeddings.
+
+    The text tower runs in the model's dtype; its outputs are cast to float32 before the
+    normalisation and the mean."""
     device = next(model.parameters()).device
     prompts = [t.format(name) for name in names for t in templates]
     tokens = tokenize(prompts)  # (C*T, 77)
@@ -83,14 +95,16 @@ def class_embeddings(model: CLIP, names: Sequence[str], templates: Sequence[str]
                      cache_dir: Optional[Path] = None, use_cache: bool = True) -> torch.Tensor:
     """Text matrix T ((len(names), E), float32, on the model's device) for the classifier.
 
-    Cached on disk when the model knows its checkpoint's SHA256 and ``use_cache`` is set.
+    Cached on disk when the model knows its checkpoint's SHA256 and ``use_cache`` is set;
+    the key includes the model's dtype. The rows are float32 whatever the model's dtype.
     """
     device = next(model.parameters()).device
     sha = getattr(model, "checkpoint_sha256", None)
     path = None
     rows = None
     if use_cache and sha:
-        path = Path(cache_dir or default_text_cache_dir()) / f"{cache_key(sha, names, templates)}.npy"
+        key = cache_key(sha, names, templates, getattr(model, "dtype", torch.float32))
+        path = Path(cache_dir or default_text_cache_dir()) / f"{key}.npy"
         if path.is_file():
             try:
                 cached = np.load(path, allow_pickle=False)
