@@ -42,6 +42,7 @@ from bench_classify import IMAGE_WH, make_images  # noqa: E402
 
 import clip  # noqa: E402
 import clip.model as clip_model  # noqa: E402
+from clip_es.cli import cam_precision  # noqa: E402
 from clip_es.cams import (HIGHRES_DTYPE, Trunk, cam_path, encode_cam_text, encode_trunk, gradcam,  # noqa: E402
                           gradcam_per_target, image_text_rows, load_cam, refine_cams, save_cam, target_rows)
 from tagclip.images import load_model_input  # noqa: E402
@@ -74,6 +75,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8, help="number of images (default 8, as the reference timing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=tuple(clip.PRECISIONS), default=None,
+                   help="model weights (default: generate_cams.py's rule, fp16 on CUDA, fp32 elsewhere)")
     p.add_argument("--reference_label_counts", action="store_true",
                    help="use the label counts of the authors' timing run instead of 2-3 per image")
     p.add_argument("--skip_plain", action="store_true",
@@ -91,7 +94,10 @@ def main() -> None:
                        check=True)
     ids = make_images(work / "JPEGImages", args.n, args.seed)
     device = torch.device(args.device)
-    model = clip.load(str(ckpt), device=device, cache_dir=work / "model_cache")
+    precision = cam_precision(args.precision, device)
+    print(f"precision {precision}")
+    model = clip.load(str(ckpt), device=device, cache_dir=work / "model_cache",
+                      dtype=clip.precision_dtype(precision))
     cfg = get_dataset(DATASET).cam
     labels = label_lists(args.n, len(cfg.class_names), args.seed, args.reference_label_counts)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -203,6 +203,7 @@ def main() -> None:
     print(f"scores, batch {args.batch_size} vs plain batch 1: max abs diff {float((batched - single).abs().max()):.2e}")
     print(f"peak host RSS: this process {peak_rss_mb(resource.RUSAGE_SELF):.0f} MB"
           + (f", classify.py runs {child_rss:.0f} MB" if not args.skip_cold else ""))
+    print(f"throughput: {1 / per_image:.1f} images/s")
     if device.type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
 
