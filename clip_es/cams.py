@@ -38,9 +38,7 @@ image (e.g. 304×64), on which the reference crashes (Q8), is handled like any o
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
@@ -51,6 +49,7 @@ import torch
 from clip import CLIP
 from tagclip.boxes import CAM_CONTOURS, box_union, scoremap2bbox
 from tagclip.errors import InputError
+from tagclip.labels import atomic_writer
 from tagclip.registry import CamConfig
 from tagclip.text_features import encode_prompt_ensemble
 
@@ -364,22 +363,8 @@ def save_cam(path, keys, attn_highres) -> None:
     maps = np.asarray(attn_highres).astype(HIGHRES_DTYPE, copy=False)
     if maps.ndim != 3 or maps.shape[0] != keys.shape[0]:
         raise ValueError(f"attn_highres shape {maps.shape} does not match {keys.shape[0]} keys")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise InputError(path, f"cannot create output file ({err.strerror or err})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, {"keys": keys, "attn_highres": maps}, allow_pickle=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise InputError(path, f"cannot write file ({err.strerror or err})") from None
-        raise
+    with atomic_writer(path) as handle:
+        np.save(handle, {"keys": keys, "attn_highres": maps}, allow_pickle=True)
 
 
 class _ArrayUnpickler(pickle.Unpickler):

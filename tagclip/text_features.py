@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,6 +23,9 @@ import numpy as np
 import torch
 
 from clip import CLIP, tokenize
+
+from .errors import InputError
+from .labels import atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +79,6 @@ def default_text_cache_dir() -> Path:
     return Path(root) / "text"
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def class_embeddings(model: CLIP, names: Sequence[str], templates: Sequence[str],
                      cache_dir: Optional[Path] = None, use_cache: bool = True) -> torch.Tensor:
     """Text matrix T ((len(names), E), float32, on the model's device) for the classifier.
@@ -118,8 +106,9 @@ def class_embeddings(model: CLIP, names: Sequence[str], templates: Sequence[str]
         rows = encode_prompt_ensemble(model, names, templates)
         if path is not None:
             try:
-                _save_atomic(path, rows.numpy())
-            except OSError as err:  # a read-only cache must not stop a run
+                with atomic_writer(path) as handle:
+                    np.save(handle, rows.numpy())
+            except InputError as err:  # a read-only cache must not stop a run
                 log.warning("could not write text-feature cache %s: %s", path, err)
     # The reference normalises the ensemble rows once more before use (SPEC §3).
     rows = rows / rows.norm(dim=-1, keepdim=True)
