@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .errors import InputError
 from .journal import ScoreJournal, file_stamp, run_key
 from .images import DEFAULT_MAX_SIDE, iter_image_files, load_model_input
@@ -194,16 +195,25 @@ def score_images(tagger: Tagger, ids: Sequence[str], paths: Sequence[Path], args
 
 
 def run_classify(args) -> int:
+    shard = distributed.init_from_env(args.device)
+    try:
+        return _run_classify(args, shard)
+    finally:
+        distributed.finish(shard)
+
+
+def _run_classify(args, shard: distributed.Shard) -> int:
     vocab = _Vocabulary(args)
     entries, paths = _image_list(args, vocab)
-    device = args.device or default_device()
+    device = distributed.device_for(shard, args.device) or default_device()
     precision = getattr(args, "precision", None) or "fp32"
-    print(RULE)
-    print("num_classes_dataset:", len(vocab.names))
-    print("num_classes_all:", len(vocab.names) + len(vocab.background))
-    print("num_images:", len(entries))
-    print("device:", device)
-    print(RULE + "\n")
+    if shard.is_main:
+        print(RULE)
+        print("num_classes_dataset:", len(vocab.names))
+        print("num_classes_all:", len(vocab.names) + len(vocab.background))
+        print("num_images:", len(entries))
+        print("device:", device if shard.world == 1 else f"{device} x {shard.world} processes")
+        print(RULE + "\n")
     import clip  # deferred: torch/open_clip import cost only when a model is needed
 
     try:
@@ -215,14 +225,27 @@ def run_classify(args) -> int:
                     params=vocab.dataset.params, label_threshold=vocab.dataset.label_rel_threshold,
                     use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
     label_path = Path(args.output_dir) / vocab.label_file
-    journal = ScoreJournal(label_path.with_name(f".{label_path.name}.journal"), run_key(
+    rank_tag = "" if shard.world == 1 else f".rank{shard.rank}of{shard.world}"
+    journal = ScoreJournal(label_path.with_name(f".{label_path.name}{rank_tag}.journal"), run_key(
         checkpoint=model.checkpoint_sha256, names=vocab.names, background=vocab.background,
         params=vocab.dataset.params, exif=args.exif_transpose, max_side=args.max_side,
-        device=torch.device(device).type, precision=precision,
+        device=torch.device(device).type, precision=precision, batch=args.batch_size,
         split=args.split_file and str(Path(args.split_file).resolve()), root=str(Path(args.img_root).resolve())),
         len(vocab.names))
-    scores, failed, failures = score_images(tagger, [e.id for e in entries], paths, args, journal)
-    failed_set = set(failed)
+    mine = distributed.owned_indices(len(entries), max(1, args.batch_size), shard)
+    part, failed, failures = score_images(tagger, [entries[i].id for i in mine], [paths[i] for i in mine],
+                                          args, journal)
+    gathered = distributed.gather((mine, part, [mine[i] for i in failed], [str(e) for e in failures]), shard)
+    if not shard.is_main:
+        if not failures:
+            journal.remove()
+        return 0
+    scores = torch.full((len(entries), len(vocab.names)), float("nan"))
+    failed_set, messages = set(), []
+    for idx, rows, bad, errs in gathered:
+        scores[idx] = rows
+        failed_set.update(bad)
+        messages.extend(errs)
     ok = [i for i in range(len(entries)) if i not in failed_set]
     ok_entries = [entries[i] for i in ok]
     ok_scores = scores[ok]
@@ -240,12 +263,13 @@ def run_classify(args) -> int:
         print(f">>>scores written to {args.scores_out}")
     if getattr(args, "vis_dir", None):
         write_pictures(args.vis_dir, ok_entries, [paths[i] for i in ok], vocab.names, ok_scores, lines)
-    if failures:  # the journal stays: a rerun only retries the failed images
-        print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
-        for err in failures:
-            print(f"  {err}", file=sys.stderr)
+    if messages:  # the journals stay: a rerun only retries the failed images
+        print(f"{len(messages)} image(s) failed and were skipped:", file=sys.stderr)
+        for message in messages:
+            print(f"  {message}", file=sys.stderr)
         return EXIT_SKIPPED_IMAGES
-    journal.remove()  # outputs are complete; a rerun starts afresh
+    if not failures:
+        journal.remove()  # outputs are complete; a rerun starts afresh
     return 0
 
 

@@ -1,0 +1,55 @@
+"""``torchrun --nproc_per_node=2 classify.py`` (gloo, CPU) gives the one-process outputs."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tagclip.distributed import Shard, owned_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "fixtures" / "golden" / "tiny_clip_fp16.npz"
+
+
+def test_owned_indices_deal_whole_batches():
+    two = [owned_indices(11, 3, Shard(r, 2, r)) for r in range(2)]
+    assert two == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10]]
+    assert owned_indices(5, 2, Shard(0, 1, 0)) == [0, 1, 2, 3, 4]
+    three = [owned_indices(7, 1, Shard(r, 3, r)) for r in range(3)]
+    assert sorted(sum(three, [])) == list(range(7))
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_torchrun_two_processes_match_one(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(5)
+    sizes = [(64, 48), (48, 64), (64, 48), (32, 32), (64, 48), (80, 32), (64, 48)]
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(imgs / f"d{i}.jpg")
+    split = tmp_path / "split.txt"
+    split.write_text("".join(f"d{i} {i % 20} {(3 * i) % 20}\n" for i in range(len(sizes))))
+    env = dict(os.environ, TAGCLIP_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+
+    def args(out):
+        return ["--img_root", imgs, "--split_file", split, "--model_path", TINY, "--output_dir", out,
+                "--scores_out", out / "s.npy", "--device", "cpu", "--batch_size", "2"]
+
+    one = subprocess.run([sys.executable, ROOT / "classify.py", *args(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", ROOT / "classify.py",
+                          *args(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for name in ("voc2007_val_tagclip.txt", "s.npy"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    metrics = [ln for ln in one.stdout.splitlines() if ln.startswith(("mAP", "F1"))]
+    assert metrics and all(ln in two.stdout for ln in metrics)
+    assert two.stdout.count("mAP:") == 1  # only rank 0 reports
+    assert not list((tmp_path / "two").glob(".*journal"))
