@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 from tqdm import tqdm
 from PIL import Image
 
+from tagclip import distributed
 from tagclip.cli import EXIT_SKIPPED_IMAGES, PRECISION_CHOICES, SPLIT_IMAGE_EXT, default_device, guarded
 from tagclip.errors import InputError
 from tagclip.images import DEFAULT_MAX_SIDE, load_model_input
@@ -143,16 +144,27 @@ def draw_overlays(vis_dir, entries: Sequence[SplitEntry], img_root: Path, cam_di
 
 
 def run_generate_cams(args) -> int:
+    shard = distributed.init_from_env(args.device)
+    try:
+        return _run_generate_cams(args, shard)
+    finally:
+        distributed.finish(shard)
+
+
+def _run_generate_cams(args, shard: distributed.Shard) -> int:
+    """Under torchrun every rank writes the CAM files of its share of the images (image j
+    goes to rank j mod K); a rank's failures are reported by that rank."""
     _check_max_side(args.max_side)
     dataset = get_dataset(args.dataset)
     cfg = dataset.cam
     entries = read_label_file(args.split_file, args.dataset, len(cfg.class_names))
+    entries = [entries[i] for i in distributed.owned_indices(len(entries), 1, shard)]
     out_dir = Path(args.cam_out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(out_dir, f"cannot create output folder ({err.strerror or err})") from None
-    device = args.device or default_device()
+    device = distributed.device_for(shard, args.device) or default_device()
     precision = cam_precision(getattr(args, "precision", None), device)
     print(device)
     print(f">>>>generating {args.split_file}")

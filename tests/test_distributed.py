@@ -53,3 +53,32 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert metrics and all(ln in two.stdout for ln in metrics)
     assert two.stdout.count("mAP:") == 1  # only rank 0 reports
     assert not list((tmp_path / "two").glob(".*journal"))
+
+
+def test_torchrun_generate_cams_writes_the_same_files(tmp_path):
+    from clip_es.cams import load_cam
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(6)
+    ids = [f"c{i}" for i in range(5)]
+    for i in ids:
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(imgs / f"{i}.jpg")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{i} {k % 20} {(k + 7) % 20}\n" for k, i in enumerate(ids)))
+    env = dict(os.environ, TAGCLIP_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+
+    def args(out):
+        return ["--dataset", "voc2012", "--img_root", imgs, "--split_file", labels, "--model", TINY,
+                "--cam_out_dir", out, "--device", "cpu"]
+
+    one = subprocess.run([sys.executable, ROOT / "generate_cams.py", *args(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", ROOT / "generate_cams.py",
+                          *args(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for i in ids:
+        k1, m1 = load_cam(tmp_path / "one" / f"{i}.npy")
+        k2, m2 = load_cam(tmp_path / "two" / f"{i}.npy")
+        assert np.array_equal(k1, k2) and np.array_equal(m1, m2)
