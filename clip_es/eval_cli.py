@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from tagclip import distributed
 from tagclip.errors import InputError
 from tagclip.registry import EVAL_CONFIGS, EvalConfig, get_eval_config
 
@@ -348,6 +349,16 @@ def _run_tasks(tasks: Sequence[CrfTask], jobs: int):
 
 
 def run_eval_crf(args) -> int:
+    shard = distributed.init_from_env("cpu")  # the CRF runs on CPUs: gloo
+    try:
+        return _run_eval_crf(args, shard)
+    finally:
+        distributed.finish(shard)
+
+
+def _run_eval_crf(args, shard: distributed.Shard) -> int:
+    """Under torchrun every rank takes images j ≡ rank (mod K) (with its own ``--jobs`` pool),
+    writes their masks and pictures, and rank 0 sums the confusion matrices and reports."""
     config = get_eval_config(args.dataset)
     if args.eval_only and not args.gt_root:
         raise InputError("--gt_root", "required with --eval_only")
@@ -359,8 +370,10 @@ def run_eval_crf(args) -> int:
     if args.gt_root:
         check_dir(args.gt_root, "GT folder")
     mask_dir = None if args.eval_only else _prepare_mask_dir(args.pseudo_mask_save_path)
-    print(f"{len(ids)} images to eval")
-    print(f"# jobs: {args.jobs}")
+    if shard.is_main:
+        print(f"{len(ids)} images to eval")
+        print(f"# jobs: {args.jobs}" + (f" in each of {shard.world} processes" if shard.world > 1 else ""))
+    ids = [ids[i] for i in distributed.owned_indices(len(ids), 1, shard)]
 
     tasks = [CrfTask(image_id, config.name, str(cam_path(args.cam_out_dir, image_id)),
                      str(image_path(args.image_root, image_id)),
@@ -376,6 +389,13 @@ def run_eval_crf(args) -> int:
                 _fail(failures, result.image_id, InputError(*result.error), args.on_error)
             elif result.hist is not None:
                 evaluator.add_hist(result.hist, 1, result.unexpected_gt_pixels)
+    gathered = distributed.gather((evaluator, failures), shard)
+    if not shard.is_main:
+        return 0
+    evaluator, failures = SegEvaluator(config.num_classes), []
+    for part, part_failures in gathered:
+        evaluator.merge(part)
+        failures.extend(part_failures)
     if mask_dir is not None:
         print(f">>>pseudo masks written to {mask_dir}")
     if args.gt_root:

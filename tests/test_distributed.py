@@ -82,3 +82,27 @@ def test_torchrun_generate_cams_writes_the_same_files(tmp_path):
         k1, m1 = load_cam(tmp_path / "one" / f"{i}.npy")
         k2, m2 = load_cam(tmp_path / "two" / f"{i}.npy")
         assert np.array_equal(k1, k2) and np.array_equal(m1, m2)
+
+
+def test_torchrun_crf_evaluation_sums_confusion_matrices(tmp_path):
+    import json
+
+    import eval_helpers
+    cams = eval_helpers.write_cam_dir("voc2012", tmp_path / "cams")
+    voc = eval_helpers.folder("voc2012")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def args(name):
+        return ["--dataset", "voc2012", "--cam_out_dir", cams, "--gt_root", voc / "SegmentationClass",
+                "--image_root", voc / "JPEGImages", "--split_file", voc / "split.txt", "--eval_only",
+                "--jobs", "1", "--save_scores", tmp_path / f"{name}.json"]
+
+    one = subprocess.run([sys.executable, ROOT / "eval_cam_with_crf.py", *args("one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", ROOT / "eval_cam_with_crf.py",
+                          *args("two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two.json").read_text()) == json.loads((tmp_path / "one.json").read_text())
+    assert two.stdout.count("Mean IoU") == one.stdout.count("Mean IoU") >= 1
