@@ -14,3 +14,6 @@ class InputError(Exception):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # picklable across DataLoader workers and process pools
+        return (type(self), (self.path, self.problem))

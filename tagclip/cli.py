@@ -85,6 +85,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="on an unreadable image: stop at once (default) or skip it and report at the end")
     p.add_argument("--exif_transpose", action="store_true",
                    help="honour EXIF orientation (off by default, as the reference and the dataset annotations)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="image-decoding worker processes (default 0: one background thread)")
     p.add_argument("--max_side", type=int, default=DEFAULT_MAX_SIDE,
                    help="downscale larger images to this longest side first (default %(default)s: "
                         "leaves every VOC/COCO image untouched)")
@@ -144,6 +146,40 @@ def _load_chunk(paths: Sequence[Path], args) -> list:
     return out
 
 
+class _ChunkSet(torch.utils.data.Dataset):
+    """Chunk k -> the decoded model inputs (or InputErrors) of its images, for DataLoader workers."""
+
+    def __init__(self, chunks: Sequence[Sequence[int]], paths: Sequence[Path], args):
+        self.chunks, self.paths, self.args = chunks, paths, args
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int) -> list:
+        return _load_chunk([self.paths[i] for i in self.chunks[k]], self.args)
+
+
+def _as_is(item):
+    return item
+
+
+def _loaded_chunks(chunks: Sequence[Sequence[int]], paths: Sequence[Path], args, pin: bool):
+    """Decoded chunks in order: ``--workers N`` DataLoader processes (pinned memory for a GPU),
+    or with 0 workers one background thread that decodes the next chunk during the model's work."""
+    if getattr(args, "workers", 0) > 0:
+        yield from torch.utils.data.DataLoader(_ChunkSet(chunks, paths, args), batch_size=None,
+                                               num_workers=args.workers, pin_memory=pin,
+                                               collate_fn=_as_is)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_load_chunk, [paths[i] for i in chunks[0]], args) if chunks else None
+        for k in range(len(chunks)):
+            loaded = pending.result()
+            if k + 1 < len(chunks):
+                pending = pool.submit(_load_chunk, [paths[i] for i in chunks[k + 1]], args)
+            yield loaded
+
+
 def score_images(tagger: Tagger, ids: Sequence[str], paths: Sequence[Path], args,
                  journal: Optional[ScoreJournal] = None) -> tuple[torch.Tensor, list[int], list[InputError]]:
     """(n, N) scores (NaN rows for failed images), the indices of failed images and their errors.
@@ -168,14 +204,10 @@ def score_images(tagger: Tagger, ids: Sequence[str], paths: Sequence[Path], args
     failures: list[InputError] = []
     step = max(1, args.batch_size)
     chunks = [todo[s:s + step] for s in range(0, len(todo), step)]
-    with ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(total=len(paths), initial=len(paths) - len(todo), unit="img", desc="classify",
-                 file=sys.stderr) as bar:
-        pending = pool.submit(_load_chunk, [paths[i] for i in chunks[0]], args) if chunks else None
-        for k, idx in enumerate(chunks):
-            loaded = pending.result()
-            if k + 1 < len(chunks):
-                pending = pool.submit(_load_chunk, [paths[i] for i in chunks[k + 1]], args)
+    pin = tagger.device.type == "cuda"
+    with tqdm(total=len(paths), initial=len(paths) - len(todo), unit="img", desc="classify",
+              file=sys.stderr) as bar:
+        for idx, loaded in zip(chunks, _loaded_chunks(chunks, paths, args, pin)):
             good = []
             for i, item in zip(idx, loaded):
                 if isinstance(item, InputError):

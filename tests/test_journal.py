@@ -132,3 +132,24 @@ def test_sigkilled_run_resumes_to_identical_outputs(tmp_path):
     for name in ("voc2007_val_tagclip.txt", "s.npy"):
         assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
     assert not journal.exists()
+
+
+def test_decoding_workers_give_the_same_outputs(voc_run, capsys):
+    argv, out, imgs, tmp = voc_run
+    assert classify_main(argv) == 0
+    base = np.load(tmp / "s.npy")
+    (imgs / "im2.jpg").write_bytes(b"broken")  # errors must cross the worker boundary too
+    assert classify_main(argv + ["--workers", "2", "--on_error", "skip"]) == 1
+    err = capsys.readouterr().err
+    assert "im2.jpg: cannot read image" in err
+    with_workers = np.load(tmp / "s.npy")
+    assert np.array_equal(with_workers, base[[0, 1, 3]])
+
+
+def test_input_error_pickles():
+    import pickle
+
+    from tagclip.errors import InputError
+    err = pickle.loads(pickle.dumps(InputError("/x/y.jpg", "cannot read image: truncated")))
+    assert (err.path, err.problem, str(err)) == ("/x/y.jpg", "cannot read image: truncated",
+                                                 "/x/y.jpg: cannot read image: truncated")
