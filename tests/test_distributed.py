@@ -106,3 +106,42 @@ def test_torchrun_crf_evaluation_sums_confusion_matrices(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two.json").read_text()) == json.loads((tmp_path / "one.json").read_text())
     assert two.stdout.count("Mean IoU") == one.stdout.count("Mean IoU") >= 1
+
+
+def test_sigkilled_generate_cams_resumes_to_identical_files(tmp_path):
+    """CAM files are written atomically one per image: a SIGKILLed run restarted with the same
+    command redoes only the missing images and ends with the files of an uninterrupted run."""
+    import signal
+    import time
+
+    from clip_es.cams import load_cam
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(8)
+    ids = [f"s{i:02d}" for i in range(10)]
+    for i in ids:
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(imgs / f"{i}.jpg")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{i} {k % 20}\n" for k, i in enumerate(ids)))
+    env = dict(os.environ, TAGCLIP_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+
+    def command(out):
+        return [sys.executable, str(ROOT / "generate_cams.py"), "--dataset", "voc2012", "--img_root", str(imgs),
+                "--split_file", str(labels), "--model", str(TINY), "--cam_out_dir", str(out), "--device", "cpu"]
+
+    subprocess.run(command(tmp_path / "full"), env=env, check=True, capture_output=True, timeout=300)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(out.glob("*.npy"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = len(list(out.glob("*.npy")))
+    assert 3 <= before < len(ids), "the run must be killed midway"
+    resumed = subprocess.run(command(out), env=env, check=True, capture_output=True, text=True, timeout=300)
+    assert f"resuming: {before} CAM file(s)" in resumed.stdout
+    for i in ids:
+        k1, m1 = load_cam(tmp_path / "full" / f"{i}.npy")
+        k2, m2 = load_cam(out / f"{i}.npy")
+        assert np.array_equal(k1, k2) and np.array_equal(m1, m2)
