@@ -201,6 +201,13 @@ def main() -> None:
         print(f"plain run of the same code on this machine (batch 1, one crop per forward, default GEMM): "
               f"{plain:.3f} s/image -> speed-up {plain / per_image:.2f}x (best of {args.rounds}, alternated)")
     print(f"scores, batch {args.batch_size} vs plain batch 1: max abs diff {float((batched - single).abs().max()):.2e}")
+    if args.precision != "fp32":  # issue 5: every score within 1e-2 of float32
+        ref_model = clip.load(str(ckpt), device=device)
+        ref = Tagger.for_dataset(ref_model, DATASET, batch_size=args.batch_size,
+                                 text_cache_dir=work / "text_cache").scores(images)
+        drift = (batched - ref).abs()
+        print(f"scores, {args.precision} vs fp32: max abs diff {float(drift.max()):.2e}, "
+              f"mean {float(drift.mean()):.2e}, within 1e-2: {float((drift <= 1e-2).float().mean()):.1%}")
     print(f"peak host RSS: this process {peak_rss_mb(resource.RUSAGE_SELF):.0f} MB"
           + (f", classify.py runs {child_rss:.0f} MB" if not args.skip_cold else ""))
     print(f"throughput: {1 / per_image:.1f} images/s")
