@@ -22,6 +22,7 @@ import numpy as np
 
 from tagclip import distributed
 from tagclip.errors import InputError
+from tagclip.journal import HistJournal, file_stamp, run_key
 from tagclip.registry import EVAL_CONFIGS, EvalConfig, get_eval_config
 
 from .cams import cam_path
@@ -356,6 +357,18 @@ def run_eval_crf(args) -> int:
         distributed.finish(shard)
 
 
+def _crf_journal(args, config: EvalConfig, mask_dir, shard: distributed.Shard) -> HistJournal:
+    """Per-image confusion matrices of this run (resume after an interruption). It lives in the
+    pseudo-mask folder, or in the current folder for --eval_only runs."""
+    key = run_key(dataset=config.name, cams=str(Path(args.cam_out_dir).resolve()),
+                  gt=args.gt_root and str(Path(args.gt_root).resolve()),
+                  images=str(Path(args.image_root).resolve()), split=str(Path(args.split_file).resolve()),
+                  masks=mask_dir and str(Path(mask_dir).resolve()), threshold=args.confidence_threshold)
+    rank_tag = "" if shard.world == 1 else f".rank{shard.rank}of{shard.world}"
+    folder = Path(mask_dir) if mask_dir is not None else Path(".")
+    return HistJournal(folder / f".eval_cam_with_crf.{key[:12]}{rank_tag}.journal", key, config.num_classes)
+
+
 def _run_eval_crf(args, shard: distributed.Shard) -> int:
     """Under torchrun every rank takes images j ≡ rank (mod K) (with its own ``--jobs`` pool),
     writes their masks and pictures, and rank 0 sums the confusion matrices and reports."""
@@ -374,6 +387,15 @@ def _run_eval_crf(args, shard: distributed.Shard) -> int:
         print(f"{len(ids)} images to eval")
         print(f"# jobs: {args.jobs}" + (f" in each of {shard.world} processes" if shard.world > 1 else ""))
     ids = [ids[i] for i in distributed.owned_indices(len(ids), 1, shard)]
+    journal = _crf_journal(args, config, mask_dir, shard)
+    stamps = {i: file_stamp(cam_path(args.cam_out_dir, i)) for i in ids}
+    done = {i: rec for i, rec in journal.load().items()
+            if i in stamps and rec[0] == stamps[i]
+            and (mask_dir is None or _mask_path(mask_dir, i).exists())}
+    journal.start(done)
+    if done:
+        print(f"resuming: {len(done)} image(s) already evaluated")
+    ids = [i for i in ids if i not in done]
 
     tasks = [CrfTask(image_id, config.name, str(cam_path(args.cam_out_dir, image_id)),
                      str(image_path(args.image_root, image_id)),
@@ -387,8 +409,17 @@ def _run_eval_crf(args, shard: distributed.Shard) -> int:
         for result in results:
             if result.error is not None:
                 _fail(failures, result.image_id, InputError(*result.error), args.on_error)
-            elif result.hist is not None:
-                evaluator.add_hist(result.hist, 1, result.unexpected_gt_pixels)
+            else:
+                if result.hist is not None:
+                    evaluator.add_hist(result.hist, 1, result.unexpected_gt_pixels)
+                hist = result.hist if result.hist is not None else np.zeros_like(evaluator.hist)
+                journal.append([result.image_id], [stamps[result.image_id]],
+                               [(hist, result.unexpected_gt_pixels)])
+    if args.gt_root:
+        for _, (hist, unexpected) in done.values():
+            evaluator.add_hist(hist, 1, unexpected)
+    if not failures:
+        journal.remove()  # this rank's share is complete
     gathered = distributed.gather((evaluator, failures), shard)
     if not shard.is_main:
         return 0

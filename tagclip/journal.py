@@ -1,15 +1,18 @@
-"""Append-only journal of finished per-image scores, so an interrupted run can resume.
+"""Append-only journals of finished per-image results, so an interrupted run can resume.
 
 File format (text, one record per line, each line flushed and fsync'ed as it is written):
 
-    # tagclip-journal 2 <run key> <number of columns>
-    <image id>\t<file stamp>\t<score as float.hex()> <score> ...
+    # tagclip-journal 3 <kind> <run key>
+    <image id>\t<file stamp>\t<payload>
 
-The run key hashes everything that changes scores (checkpoint, vocabulary, method
-parameters, image options, device type, precision); a journal with another key or header is ignored and
-replaced. The file stamp (size and mtime of the image) lets a resumed run redo an image that
-was replaced in the meantime.
-A torn last line (the process died mid-write) is ignored. Scores round-trip exactly.
+The run key hashes everything that changes the results (checkpoint, vocabulary, method
+parameters, image options, device type, precision, ...); a journal of another kind or key
+is ignored and replaced. The file stamp (size and mtime of the input) lets a resumed run
+redo an image whose file was replaced in the meantime. A torn last line (the process died
+mid-write) is ignored.
+
+* :class:`ScoreJournal` — a row of classification scores, as ``float.hex()`` (exact);
+* :class:`HistJournal` — one image's confusion matrix, as its non-zero ``index:count`` cells.
 """
 from __future__ import annotations
 
@@ -17,11 +20,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
-MAGIC = "# tagclip-journal 2"
+MAGIC = "# tagclip-journal 3"
 
 
 def run_key(**settings) -> str:
@@ -30,14 +33,31 @@ def run_key(**settings) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
-class ScoreJournal:
-    def __init__(self, path: Path, key: str, n_cols: int):
-        self.path = Path(path)
-        self.header = f"{MAGIC} {key} {n_cols}\n"
-        self.n_cols = n_cols
+def file_stamp(path) -> str:
+    """``size:mtime_ns`` of a file, or ``missing``."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
-    def load(self) -> dict[str, tuple[str, np.ndarray]]:
-        """Finished (stamp, row) per image id of a previous run with the same key ({} if none)."""
+
+class _Journal:
+    kind = "base"
+
+    def __init__(self, path: Path, key: str):
+        self.path = Path(path)
+        self.header = f"{MAGIC} {self.kind} {key}\n"
+
+    def encode(self, value: Any) -> str:
+        raise NotImplementedError
+
+    def decode(self, text: str) -> Any:
+        """The value of a payload; raises ValueError if it is not one."""
+        raise NotImplementedError
+
+    def load(self) -> dict[str, tuple[str, Any]]:
+        """Finished (stamp, value) per image id of a previous run with the same key ({} if none)."""
         try:
             with open(self.path, encoding="utf-8") as f:
                 if f.readline() != self.header:
@@ -49,46 +69,73 @@ class ScoreJournal:
                     parts = line[:-1].split("\t")
                     if len(parts) != 3:
                         break
-                    image_id, stamp, values = parts
-                    row = [float.fromhex(v) for v in values.split()]
-                    if len(row) != self.n_cols:
-                        break
-                    done[image_id] = (stamp, np.asarray(row, dtype=np.float32))
+                    image_id, stamp, payload = parts
+                    done[image_id] = (stamp, self.decode(payload))
                 return done
         except (OSError, UnicodeDecodeError, ValueError):
             return {}
 
-    def start(self, done: dict[str, tuple[str, np.ndarray]]) -> None:
-        """Rewrite the journal with the rows kept from ``done`` (drops a torn tail)."""
+    def start(self, done: dict[str, tuple[str, Any]]) -> None:
+        """Rewrite the journal with the records kept from ``done`` (drops a torn tail)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(self.header)
-            f.writelines(self._lines(done.keys(), (st for st, _ in done.values()),
-                                     (row for _, row in done.values())))
+            f.writelines(self._lines(done.keys(), (st for st, _ in done.values()), (v for _, v in done.values())))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def append(self, ids: Iterable[str], stamps: Iterable[str], rows: Iterable[np.ndarray]) -> None:
+    def append(self, ids: Iterable[str], stamps: Iterable[str], values: Iterable[Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.writelines(self._lines(ids, stamps, rows))
+            f.writelines(self._lines(ids, stamps, values))
             f.flush()
             os.fsync(f.fileno())
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
-    @staticmethod
-    def _lines(ids, stamps, rows):
-        for image_id, stamp, row in zip(ids, stamps, rows):
-            yield f"{image_id}\t{stamp}\t" + " ".join(float(v).hex() for v in row) + "\n"
+    def _lines(self, ids, stamps, values):
+        for image_id, stamp, value in zip(ids, stamps, values):
+            yield f"{image_id}\t{stamp}\t{self.encode(value)}\n"
 
 
-def file_stamp(path) -> str:
-    """``size:mtime_ns`` of a file, or ``missing``."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}"
+class ScoreJournal(_Journal):
+    """Rows of ``n_cols`` float32 scores."""
+    kind = "scores"
+
+    def __init__(self, path: Path, key: str, n_cols: int):
+        super().__init__(path, f"{key} {n_cols}")
+        self.n_cols = n_cols
+
+    def encode(self, row) -> str:
+        return " ".join(float(v).hex() for v in row)
+
+    def decode(self, text: str) -> np.ndarray:
+        row = [float.fromhex(v) for v in text.split()]
+        if len(row) != self.n_cols:
+            raise ValueError("wrong row length")
+        return np.asarray(row, dtype=np.float32)
+
+
+class HistJournal(_Journal):
+    """(n, n) int64 confusion matrices plus a count of unexpected GT pixels, stored sparsely."""
+    kind = "confusion"
+
+    def __init__(self, path: Path, key: str, n_classes: int):
+        super().__init__(path, f"{key} {n_classes}")
+        self.n = n_classes
+
+    def encode(self, value) -> str:
+        hist, unexpected = value
+        flat = np.asarray(hist, dtype=np.int64).reshape(-1)
+        cells = " ".join(f"{i}:{flat[i]}" for i in np.flatnonzero(flat))
+        return f"{int(unexpected)} {cells}".rstrip()
+
+    def decode(self, text: str) -> tuple[np.ndarray, int]:
+        unexpected, *cells = text.split()
+        flat = np.zeros(self.n * self.n, dtype=np.int64)
+        for cell in cells:
+            index, count = cell.split(":")
+            flat[int(index)] = int(count)
+        return flat.reshape(self.n, self.n), int(unexpected)

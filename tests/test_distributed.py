@@ -145,3 +145,37 @@ def test_sigkilled_generate_cams_resumes_to_identical_files(tmp_path):
         k1, m1 = load_cam(tmp_path / "full" / f"{i}.npy")
         k2, m2 = load_cam(out / f"{i}.npy")
         assert np.array_equal(k1, k2) and np.array_equal(m1, m2)
+
+
+def test_crf_evaluation_resumes_from_its_journal(tmp_path, monkeypatch, capsys):
+    """An interrupted CRF run keeps per-image confusion matrices; the rerun evaluates only the
+    rest and reports the scores of an uninterrupted run."""
+    import json
+
+    import eval_helpers
+    from clip_es.eval_cli import eval_crf_main
+    monkeypatch.chdir(tmp_path)
+    cams = eval_helpers.write_cam_dir("voc2012", tmp_path / "cams")
+    voc = eval_helpers.folder("voc2012")
+
+    def argv(name):
+        return ["--dataset", "voc2012", "--cam_out_dir", str(cams), "--gt_root", str(voc / "SegmentationClass"),
+                "--image_root", str(voc / "JPEGImages"), "--split_file", str(voc / "split.txt"), "--eval_only",
+                "--jobs", "1", "--save_scores", str(tmp_path / f"{name}.json"), "--on_error", "skip"]
+
+    assert eval_crf_main(argv("full")) == 0
+    assert not list(tmp_path.glob(".eval_cam_with_crf.*journal"))
+    # Interrupt: one CAM file unreadable -> that image fails, the journal keeps the others.
+    victim = sorted(cams.glob("*.npy"))[3]
+    good = victim.read_bytes()
+    victim.write_bytes(b"broken")
+    assert eval_crf_main(argv("partial")) == 1
+    journals = list(tmp_path.glob(".eval_cam_with_crf.*journal"))
+    assert len(journals) == 1 and len(journals[0].read_text().splitlines()) == 1 + 7
+    victim.write_bytes(good)
+    capsys.readouterr()
+    assert eval_crf_main(argv("resumed")) == 0
+    assert "resuming: 7 image(s) already evaluated" in capsys.readouterr().out
+    full = json.loads((tmp_path / "full.json").read_text())
+    assert json.loads((tmp_path / "resumed.json").read_text()) == full
+    assert not list(tmp_path.glob(".eval_cam_with_crf.*journal"))
