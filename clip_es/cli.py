@@ -21,7 +21,7 @@ from tqdm import tqdm
 from PIL import Image
 
 from tagclip import distributed
-from tagclip.cli import EXIT_SKIPPED_IMAGES, PRECISION_CHOICES, SPLIT_IMAGE_EXT, default_device, guarded
+from tagclip.cli import PRECISION_CHOICES, report_failures, SPLIT_IMAGE_EXT, default_device, guarded
 from tagclip.errors import InputError
 from tagclip.images import DEFAULT_MAX_SIDE, load_model_input
 from tagclip.labels import SplitEntry, read_split
@@ -144,11 +144,7 @@ def draw_overlays(vis_dir, entries: Sequence[SplitEntry], img_root: Path, cam_di
 
 
 def run_generate_cams(args) -> int:
-    shard = distributed.init_from_env(args.device)
-    try:
-        return _run_generate_cams(args, shard)
-    finally:
-        distributed.finish(shard)
+    return distributed.sharded(_run_generate_cams, args, args.device)
 
 
 def _run_generate_cams(args, shard: distributed.Shard) -> int:
@@ -207,12 +203,7 @@ def _run_generate_cams(args, shard: distributed.Shard) -> int:
         # failed images have no valid CAM file for their labels and get no picture
         done = [e for e in entries if is_done(cam_path(out_dir, e.id), e.labels)]
         draw_overlays(args.vis_dir, done, Path(args.img_root), out_dir, dataset.class_names)
-    if failures:
-        print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
-        for err in failures:
-            print(f"  {err}", file=sys.stderr)
-        return EXIT_SKIPPED_IMAGES
-    return 0
+    return report_failures(failures)
 
 
 def generate_cams_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from tagclip import distributed
+from tagclip.cli import guarded, report_failures
 from tagclip.errors import InputError
 from tagclip.journal import HistJournal, file_stamp, run_key
 from tagclip.registry import EVAL_CONFIGS, EvalConfig, get_eval_config
@@ -31,8 +32,6 @@ from .evaluation import (CAM_TYPE, DEFAULT_CAM_EVAL_THRES, FALLBACK_THRES, SegEv
                          predict, read_bgr, read_cam, read_gt, select_threshold, threshold_candidates)
 from .masks import write_label_png
 
-EXIT_INPUT_ERROR = 2      # bad input stopped the run
-EXIT_SKIPPED_IMAGES = 1   # --on_error skip: the run finished but some images failed
 MASK_EXT = ".png"
 
 
@@ -168,12 +167,7 @@ def _report(config: EvalConfig, evaluator: SegEvaluator, args, thres: Optional[f
         from tagclip.labels import write_text_atomic
 
         write_text_atomic(args.save_scores, _scores_json(config, scores, evaluator.images, extra))
-    if failures:
-        print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
-        for failure in failures:
-            print(f"  {failure}", file=sys.stderr)
-        return EXIT_SKIPPED_IMAGES
-    return 0
+    return report_failures(failures)
 
 
 def _vis_file(args, image_id: str) -> Optional[str]:
@@ -350,11 +344,7 @@ def _run_tasks(tasks: Sequence[CrfTask], jobs: int):
 
 
 def run_eval_crf(args) -> int:
-    shard = distributed.init_from_env("cpu")  # the CRF runs on CPUs: gloo
-    try:
-        return _run_eval_crf(args, shard)
-    finally:
-        distributed.finish(shard)
+    return distributed.sharded(_run_eval_crf, args, "cpu")  # the CRF runs on CPUs: gloo
 
 
 def _crf_journal(args, config: EvalConfig, mask_dir, shard: distributed.Shard) -> HistJournal:
@@ -434,25 +424,11 @@ def _run_eval_crf(args, shard: distributed.Shard) -> int:
     elif getattr(args, "vis_dir", None):
         print(f">>>pictures written to {args.vis_dir}")
     if not args.gt_root:
-        if failures:
-            print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
-            for failure in failures:
-                print(f"  {failure}", file=sys.stderr)
-            return EXIT_SKIPPED_IMAGES
-        return 0
+        return report_failures(failures)
     return _report(config, evaluator, args, None, failures, {"crf": True})
 
 
 # ----------------------------------------------------------------------------- entry points
-
-def guarded(run, args) -> int:
-    """Run a command; bad input becomes one ``error:`` line and exit status 2."""
-    try:
-        return run(args)
-    except (InputError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
-
 
 def eval_cam_main(argv: Optional[Sequence[str]] = None) -> int:
     return guarded(run_eval_cam, eval_cam_parser().parse_args(argv))

@@ -227,11 +227,7 @@ def score_images(tagger: Tagger, ids: Sequence[str], paths: Sequence[Path], args
 
 
 def run_classify(args) -> int:
-    shard = distributed.init_from_env(args.device)
-    try:
-        return _run_classify(args, shard)
-    finally:
-        distributed.finish(shard)
+    return distributed.sharded(_run_classify, args, args.device)
 
 
 def _run_classify(args, shard: distributed.Shard) -> int:
@@ -296,10 +292,7 @@ def _run_classify(args, shard: distributed.Shard) -> int:
     if getattr(args, "vis_dir", None):
         write_pictures(args.vis_dir, ok_entries, [paths[i] for i in ok], vocab.names, ok_scores, lines)
     if messages:  # the journals stay: a rerun only retries the failed images
-        print(f"{len(messages)} image(s) failed and were skipped:", file=sys.stderr)
-        for message in messages:
-            print(f"  {message}", file=sys.stderr)
-        return EXIT_SKIPPED_IMAGES
+        return report_failures(messages)
     if not failures:
         journal.remove()  # outputs are complete; a rerun starts afresh
     return 0
@@ -328,14 +321,21 @@ def write_pictures(vis_dir, entries: Sequence[SplitEntry], paths: Sequence[Path]
     print(f">>>pictures written to {vis_dir}")
 
 
+def report_failures(failures: Sequence) -> int:
+    """List the images a ``--on_error skip`` run skipped; the exit status (1 if any, else 0)."""
+    if not failures:
+        return 0
+    print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
+    for failure in failures:
+        print(f"  {failure}", file=sys.stderr)
+    return EXIT_SKIPPED_IMAGES
+
+
 def guarded(run, args) -> int:
     """Run a command; bad input becomes one ``error:`` line and exit status 2."""
     try:
         return run(args)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
-    except ValueError as err:  # invalid option values from the library (e.g. batch size)
+    except (InputError, ValueError) as err:  # ValueError: invalid option values (e.g. batch size)
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INPUT_ERROR
 

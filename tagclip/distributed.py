@@ -66,3 +66,12 @@ def gather(obj: Any, shard: Shard) -> Optional[list]:
 def finish(shard: Shard) -> None:
     if shard.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def sharded(run, args, device: Optional[str]):
+    """``run(args, shard)`` inside this process's shard (process group set up and torn down)."""
+    shard = init_from_env(device)
+    try:
+        return run(args, shard)
+    finally:
+        finish(shard)

@@ -48,7 +48,7 @@ def run_segment(args) -> int:
     from clip_es.evaluation import predict, read_bgr
     from clip_es.masks import write_label_png
 
-    from .cli import default_device, parse_word_list
+    from .cli import default_device, parse_word_list, report_failures
     from .vis import mask_comparison
     from .tagger import Tagger
 
@@ -99,9 +99,4 @@ def run_segment(args) -> int:
     write_text_atomic(out / LEGEND_FILE, json.dumps({"labels": legend, "tags": tags}, indent=1) + "\n")
     print(f"masks: {out / 'masks'}  pictures: {out / 'overlays'}  CAMs: {out / 'cams'}  "
           f"legend and tags: {out / LEGEND_FILE}")
-    if failures:
-        print(f"{len(failures)} image(s) failed and were skipped:", file=sys.stderr)
-        for err in failures:
-            print(f"  {err}", file=sys.stderr)
-        return 1
-    return 0
+    return report_failures(failures)
