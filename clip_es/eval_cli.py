@@ -170,6 +170,22 @@ def _report(config: EvalConfig, evaluator: SegEvaluator, args, thres: Optional[f
     return report_failures(failures)
 
 
+def _draw_comparison(args, config: EvalConfig, image_id: str, labels, gt, thres) -> None:
+    """``--vis_dir`` picture of one image: image (if ``--image_root``) | prediction | GT."""
+    from tagclip.vis import mask_comparison
+
+    image = None
+    if args.image_root:
+        try:
+            bgr = read_bgr(image_path(args.image_root, image_id))
+            check_same_size(image_path(args.image_root, image_id), bgr.shape[:2], labels.shape, "image")
+            image = bgr[..., ::-1]
+        except InputError as err:  # a picture problem never changes the evaluation
+            print(f"warning: {err} (picture without the image)", file=sys.stderr)
+    mask_comparison(image, labels, gt, config.class_names, _vis_file(args, image_id),
+                    title=f"{image_id} (CAM, thres {thres})" if config.has_background else f"{image_id} (CAM)")
+
+
 def _vis_file(args, image_id: str) -> Optional[str]:
     vis_dir = getattr(args, "vis_dir", None)
     return str(Path(vis_dir) / f"{image_id}.png") if vis_dir else None
@@ -239,36 +255,22 @@ def run_eval_cam(args) -> int:
     else:
         final = candidates[0]
 
-    if mask_dir is not None and not (write_now and final == candidates[0]):
-        failed = {f.image_id for f in failures}
-        for image_id in ids:
-            if image_id in failed:
-                continue
-            keys, cams, _ = _load_cam_and_gt(args, config, image_id)
-            labels, confidence = predict(keys, cams, config, final)
-            write_label_png(_mask_path(mask_dir, image_id), labels, confidence, args.confidence_threshold)
-    if mask_dir is not None:
-        print(f">>>pseudo masks written to {mask_dir}")
-    if getattr(args, "vis_dir", None):
-        from tagclip.vis import mask_comparison
-
+    write_masks = mask_dir is not None and not (write_now and final == candidates[0])
+    draw = bool(getattr(args, "vis_dir", None))
+    if write_masks or draw:  # one more pass at the chosen threshold: each CAM read once
         failed = {f.image_id for f in failures}
         for image_id in ids:
             if image_id in failed:
                 continue
             keys, cams, gt = _load_cam_and_gt(args, config, image_id)
-            labels, _ = predict(keys, cams, config, final)
-            image = None
-            if args.image_root:
-                try:
-                    bgr = read_bgr(image_path(args.image_root, image_id))
-                    check_same_size(image_path(args.image_root, image_id), bgr.shape[:2], labels.shape, "image")
-                    image = bgr[..., ::-1]
-                except InputError as err:  # a picture problem never changes the evaluation
-                    print(f"warning: {err} (picture without the image)", file=sys.stderr)
-            mask_comparison(image, labels, gt, config.class_names, _vis_file(args, image_id),
-                            title=f"{image_id} (CAM, thres {final})" if config.has_background
-                            else f"{image_id} (CAM)")
+            labels, confidence = predict(keys, cams, config, final)
+            if write_masks:
+                write_label_png(_mask_path(mask_dir, image_id), labels, confidence, args.confidence_threshold)
+            if draw:
+                _draw_comparison(args, config, image_id, labels, gt, final)
+    if mask_dir is not None:
+        print(f">>>pseudo masks written to {mask_dir}")
+    if draw:
         _iou_chart(args, config, evaluators[final], "CAM")
     extra = {"thres": final} if config.has_background else {}
     return _report(config, evaluators[final], args, final if config.has_background else None, failures, extra)
