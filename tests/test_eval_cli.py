@@ -317,3 +317,10 @@ def test_root_scripts(script, cam_dirs, tmp_path):
     assert "Mean IoU" in proc.stdout and "water" in proc.stdout
     kind = "eval_cam" if script == "eval_cam.py" else "eval_crf"
     eh.compare_scores(json.loads((tmp_path / "s.json").read_text()), eh.expected_score(variant, kind), 27)
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """eval_cam_with_crf.py keeps its resume journal in the current folder for --eval_only
+    runs: run every test from its own folder, not from the repository."""
+    monkeypatch.chdir(tmp_path)
