@@ -9,7 +9,8 @@ and measures per image, after one warm-up image:
 
 * total: decode + blocks 0–10 + Grad-CAM of every label + refinement + saving the CAM file;
 * blocks 0–10 (no gradients, affinity maps summed on the fly);
-* Grad-CAM (last block forward + ONE batched backward for all labels) + refinement + resize;
+* Grad-CAM (last block forward + ONE written-out backward pass for all labels, reduced to the
+  patch sums Grad-CAM reads) + refinement + resize;
 
 plus the text encoding (VOC: 20 + 25 prompts, once per run), peak host RSS, and, as a
 like-for-like baseline measured in the same run, the reference's schedule executed by our

@@ -72,6 +72,18 @@ class QuickGELU(nn.Module):
         return gate.mul_(x) if not torch.is_grad_enabled() else x * gate
 
 
+class AttentionParts(NamedTuple):
+    """Intermediates of one unmasked explicit attention pass (:meth:`Attention.parts`), the
+    values an analytic backward pass reads."""
+    q: torch.Tensor        # (B, heads, L, d) queries, already scaled by 1/√d
+    k: torch.Tensor        # (B, heads, L, d)
+    v: torch.Tensor        # (B, heads, L, d)
+    probs: torch.Tensor    # (B, heads, L, L) softmax(q kᵀ), model dtype
+    heads: torch.Tensor    # (B, heads, L, d) probs @ v
+    out: torch.Tensor      # (B, L, D) after out_proj
+    weights: torch.Tensor  # (B, L, L) float32 head average of probs
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names.
 
@@ -132,6 +144,20 @@ class Attention(nn.Module):
         else:
             probs = weights.to(scores.dtype) if low else weights
         return probs @ v, weights.sum(dim=1) / self.heads  # reference: sum / num_heads
+
+    def parts(self, x: torch.Tensor) -> AttentionParts:
+        """Unmasked attention over (B, L, D) tokens with every intermediate kept; ``out`` and
+        ``weights`` equal ``forward(x, need_weights=True)``'s (same operations, same order)."""
+        b, n, width = x.shape
+        q, k, v = self._qkv(x, None)
+        q = self._split_heads(q * (width // self.heads) ** -0.5)
+        k, v = self._split_heads(k), self._split_heads(v)
+        scores = q @ k.transpose(-2, -1)  # (B, heads, L, L)
+        weights = scores.float().softmax(dim=-1) if scores.dtype != torch.float32 else torch.softmax(scores, dim=-1)
+        probs = weights.to(scores.dtype)
+        heads = probs @ v
+        out = self.out_proj(heads.transpose(1, 2).reshape(b, n, width))  # (B, heads, L, d) -> (B, L, D)
+        return AttentionParts(q, k, v, probs, heads, out, weights.sum(dim=1) / self.heads)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 need_weights: bool = False, is_causal: bool = False,

@@ -5,16 +5,17 @@ Per image, with the labels of one label-file line:
 1. :func:`encode_trunk` — blocks 0–10 of the vision tower without gradients (plain
    attention), the positional table always resized and float16-rounded (Q1). The affinity
    maps are summed as the blocks run, so no block's full map is kept.
-2. :func:`gradcam` — block 11 with gradients from the output of its ``ln_1`` (the
-   activation of interest); image feature = mean of ``ln_post`` over the PATCH tokens,
-   ``@ proj``, normalised; probabilities = softmax over [the image's label rows, background
-   rows] of exp(logit_scale)·cos. The Grad-CAMs of ALL labels come from one forward pass;
-   label k's vector-Jacobian product uses the one-hot of its probability, and the products
-   of several labels run as one batched backward pass (``is_grads_batched``) — on a GPU up
-   to 8 labels, on a CPU as many as keep the batch cache-sized (one at a time for 500×375
-   images, where that is faster; see GRADCAM_MAX_BATCH). Weights = spatial mean of the
-   gradient over patch tokens; cam = ReLU(Σ_ch weight·activation), scaled twice as the
-   reference's ``scale_cam_image`` and layer aggregation do.
+2. :func:`gradcam` — block 11 from the output of its ``ln_1`` (the activation of interest);
+   image feature = mean of ``ln_post`` over the PATCH tokens, ``@ proj``, normalised;
+   probabilities = softmax over [the image's label rows, background rows] of
+   exp(logit_scale)·cos. Grad-CAM needs, per label, only the gradient SUMMED over patch
+   tokens (its spatial mean is the channel weight), so the backward pass is written out
+   (:func:`gradcam_weights`): one forward of the block for all labels, then the labels'
+   backward passes as one batch in which the attention's input gradients are reduced to
+   patch sums analytically — one attention matrix product per label instead of four and
+   no input-projection product per token. :func:`gradcam_per_target` is the reference's
+   schedule through autograd; a test holds the two together. cam = ReLU(Σ_ch weight ·
+   activation), scaled twice as the reference's ``scale_cam_image`` and layer aggregation do.
 3. :func:`transition_matrix` — the affinity (mean of the maps of ``CamConfig.affinity_layers``,
    patch×patch) normalised by columns then rows, twice more, symmetrised and squared.
 4. :func:`refine` — per label, boxes of its cam (``scoremap2bbox``, all contours); the
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 
 from clip import CLIP
+from clip.model import QUICK_GELU_ALPHA, AttentionParts, linear
 from tagclip.boxes import CAM_CONTOURS, box_union, scoremap2bbox
 from tagclip.errors import InputError
 from tagclip.labels import atomic_writer
@@ -63,13 +65,9 @@ EXTRA_NORMALISATION_ROUNDS = 2
 TRANSITION_SQUARINGS = 1
 # SPEC §5: Grad-CAM is scaled twice (scale_cam_image per layer, then again after the layer mean).
 GRADCAM_SCALINGS = 2
-# Labels per batched backward pass. A batch holds about labels x heads x (1 + P)^2 attention
-# gradients (several copies). On a CPU, batching pays while that stays cache-sized; beyond it one
-# backward per label over the same forward graph is faster (ViT-B/16, 2 threads: 768 patches,
-# 8 labels: 0.94 s one by one vs 1.23 s batched; 280 patches: 0.32 s vs 0.26 s). A GPU takes up
-# to GRADCAM_MAX_BATCH labels at once; the cap bounds memory.
-GRADCAM_MAX_BATCH = 8
-GRADCAM_CPU_BATCH_ELEMENTS = 8 * 2**20
+# Labels whose backward passes run as one batch are capped so that the widest temporary
+# (labels x tokens x MLP width) stays under this many elements (1 GiB in float32).
+GRADCAM_CHUNK_ELEMENTS = 2**28
 # SPEC §5: CAM file format.
 KEYS_DTYPE = np.int64
 HIGHRES_DTYPE = np.float16
@@ -184,62 +182,183 @@ def last_block_probabilities(model: CLIP, tokens: torch.Tensor, activation: torc
     return clip_probabilities(feature.float(), rows.float(), model.logit_scale.float()), weights
 
 
-def gradcam_from_gradients(activation: torch.Tensor, gradients: torch.Tensor,
-                           grid: tuple[int, int]) -> torch.Tensor:
-    """(1 + P, width) activation and (K, 1 + P, width) gradients -> (K, gh, gw) scaled cams.
+def gradcam_from_weights(activation: torch.Tensor, weights: torch.Tensor,
+                         grid: tuple[int, int]) -> torch.Tensor:
+    """(1 + P, width) activation and (K, width) channel weights -> (K, gh, gw) scaled cams.
 
-    The class token is dropped; weights = mean of the gradient over patches per channel;
-    cam = ReLU(Σ_ch w·A), then scaled twice (SPEC §5).
+    cam = ReLU(Σ_ch w·A) over the patch tokens (class token dropped), then scaled twice (SPEC §5).
     """
     patches = activation[1:].float()                  # (P, width)
-    weights = gradients[:, 1:].float().mean(dim=1)    # (K, width)
-    cams = torch.relu(weights @ patches.t())          # (K, P)
-    cams = cams.reshape(-1, *grid)
+    cams = torch.relu(weights.float() @ patches.t())  # (K, P)
+    cams = cams.reshape(-1, *grid)                    # (K, P) -> (K, gh, gw)
     for _ in range(GRADCAM_SCALINGS):
         cams = scale_maps(torch.relu(cams))
     return cams
 
 
-def gradcam_batch_size(n_tokens: int, heads: int, device: torch.device) -> int:
-    """Labels per batched backward pass for this image size and device (see GRADCAM_MAX_BATCH)."""
-    if device.type != "cpu":
-        return GRADCAM_MAX_BATCH
-    per_label = heads * n_tokens * n_tokens
-    return max(1, min(GRADCAM_MAX_BATCH, GRADCAM_CPU_BATCH_ELEMENTS // per_label))
+def gradcam_from_gradients(activation: torch.Tensor, gradients: torch.Tensor,
+                           grid: tuple[int, int]) -> torch.Tensor:
+    """(1 + P, width) activation and (K, 1 + P, width) gradients -> (K, gh, gw) scaled cams;
+    the weights are the gradients' mean over the patch tokens."""
+    return gradcam_from_weights(activation, gradients[:, 1:].float().mean(dim=1), grid)
+
+
+def _layer_norm_backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                         gamma: torch.Tensor) -> torch.Tensor:
+    """d LayerNorm(x) / dx applied to ``grad`` (…, L, D), with the forward's per-token mean
+    and reciprocal std (L, 1): rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)), g = grad ⊙ γ."""
+    xhat = (x - mean) * rstd
+    g = grad * gamma
+    return rstd * (g - g.mean(dim=-1, keepdim=True) - xhat * (g * xhat).mean(dim=-1, keepdim=True))
+
+
+def _quick_gelu_derivative(u: torch.Tensor) -> torch.Tensor:
+    """d/du [u · σ(αu)] = σ(αu) · (1 + αu · (1 − σ(αu)))."""
+    s = torch.sigmoid(QUICK_GELU_ALPHA * u)
+    return s * (1 + QUICK_GELU_ALPHA * u * (1 - s))
+
+
+class LastBlockForward(NamedTuple):
+    """Block 11's forward pass from its ``ln_1`` output, with what the backward pass reads."""
+    activation: torch.Tensor  # (L, width) ln_1 output, the Grad-CAM activation
+    attn: AttentionParts      # batch of one
+    mid: torch.Tensor         # (L, width) float32 tokens + attention
+    ln_2: tuple[torch.Tensor, torch.Tensor]    # per-token mean, rstd (L, 1) of ln_2's input
+    hidden: torch.Tensor      # (L, 4·width) MLP pre-activation (c_fc output)
+    out: torch.Tensor         # (L, width) float32 block output
+    ln_post: tuple[torch.Tensor, torch.Tensor]  # per-token mean, rstd of ln_post's input
+    pooled: torch.Tensor      # (width,) float32 mean of ln_post over the patch tokens
+
+
+def _layer_norm_stats(ln: torch.nn.LayerNorm, x: torch.Tensor):
+    """(LayerNorm(x) in float32 as the model computes it, (mean, rstd) per token)."""
+    out, mean, rstd = torch.native_layer_norm(x.float(), ln.normalized_shape, ln.weight.float(),
+                                              ln.bias.float(), ln.eps)
+    return out, (mean, rstd)
+
+
+@torch.no_grad()
+def last_block_forward(model: CLIP, tokens: torch.Tensor) -> LastBlockForward:
+    """Block 11 (plain attention) on the trunk's (1, L, width) tokens, every intermediate kept.
+
+    Same operations as :func:`last_block_probabilities` (the model's modules, its dtype for the
+    matrix products, LayerNorm in float32)."""
+    visual = model.visual
+    block = visual.transformer.resblocks[-1]
+    dtype = tokens.dtype
+    activation = block.ln_1(tokens)
+    attn = block.attn.parts(activation)
+    mid = tokens + attn.out                                   # (1, L, width)
+    normed, ln_2 = _layer_norm_stats(block.ln_2, mid)
+    hidden = block.mlp.c_fc(normed.to(dtype))
+    out = mid + block.mlp.c_proj(block.mlp.gelu(hidden))
+    post, ln_post = _layer_norm_stats(visual.ln_post, out)
+    return LastBlockForward(activation[0], attn, mid[0].float(), (ln_2[0][0], ln_2[1][0]), hidden[0],
+                            out[0].float(), (ln_post[0][0], ln_post[1][0]), post[0, 1:].mean(dim=0))
+
+
+def _probability_gradients(model: CLIP, pooled: torch.Tensor, rows: torch.Tensor,
+                           targets: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities (R,), d p_t / d pooled (K, width)) through ``@ proj``, the normalisation
+    and the softmax (small; autograd)."""
+    proj = model.visual.proj
+    leaf = pooled.detach().to(proj.dtype).requires_grad_(True)
+    with torch.enable_grad():
+        probs = clip_probabilities((leaf @ proj)[None].float(), rows.float(), model.logit_scale.float())[0]
+        if not targets:
+            return probs.detach(), pooled.new_zeros(0, pooled.shape[0], dtype=torch.float32)
+        index = torch.as_tensor(list(targets), device=probs.device)
+        selectors = torch.zeros(len(targets), probs.shape[0], dtype=probs.dtype, device=probs.device)
+        selectors[torch.arange(len(targets), device=probs.device), index] = 1.0
+        (grads,) = torch.autograd.grad(probs, leaf, selectors, is_grads_batched=True)
+    return probs.detach(), grads.float()
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(K, L, D) -> (heads, L, K·d): each head's columns of every label side by side."""
+    k, n, d = t.shape
+    return t.reshape(k, n, heads, d // heads).permute(2, 1, 0, 3).reshape(heads, n, k * (d // heads))
+
+
+def gradcam_weights(model: CLIP, fwd: LastBlockForward, cotangents: torch.Tensor) -> torch.Tensor:
+    """Σ over patch tokens of d(target)/d(activation) for K targets given d(target)/d(pooled).
+
+    ``cotangents``: (K, width) gradients at the pooled feature -> (K, width). The backward
+    pass of block 11 written out, all K at once (float32, matrix products in the model's
+    dtype). Two identities keep the per-target work to two token-wise products and one
+    attention product:
+
+    * ln_post's backward at token i is rstd_i·(w − x̂_i·(x̂_i·w)/D) with w the centred
+      γ ⊙ cotangent/P, so its product with c_proj's weight is rstd_i·(w W − (x̂_i·w)/D · x̂_i W):
+      x̂ W is computed once for all targets;
+    * only patch SUMS of the attention's input gradients are needed. With S = q kᵀ (q
+      scaled), P = softmax(S), O = P v, r_i = dO_i·O_i and D = Pᵀ dO:
+        Σ_i dq_i = scale · Σ_j u_j k_j,  u_j = v_j·D_j − (Pᵀ r)_j
+        Σ_{j≥1} dk_j = −Σ_i dS_i0 q_i,   dS_i0 = P_i0 (dO_i·v_0 − r_i)
+        Σ_{j≥1} dv_j = Σ_{j≥1} D_j
+      (the class token's query row gets no gradient, and the rows of dS sum to zero).
+    """
+    visual = model.visual
+    block = visual.transformer.resblocks[-1]
+    heads = block.attn.heads
+    dtype = fwd.hidden.dtype
+    n_tokens, width = fwd.out.shape
+    k = cotangents.shape[0]
+    # ln_post and the patch mean (the class token gets no gradient), times c_proj's weight.
+    w = cotangents / (n_tokens - 1) * visual.ln_post.weight.float()
+    w = w - w.mean(dim=-1, keepdim=True)                                             # (K, D)
+    mean, rstd = fwd.ln_post
+    xhat = (fwd.out - mean) * rstd                                                   # (L, D)
+    beta = (w @ xhat.t()) / width                                                    # (K, L)
+    rstd = rstd.t().clone()
+    rstd[:, 0] = 0.0                                                                 # (1, L): no class token
+    c_proj = block.mlp.c_proj.weight                                                 # (D, 4D)
+    grad = rstd[..., None] * (w[:, None] - beta[..., None] * xhat)                   # (K, L, D) at x_out
+    gate = rstd[0, :, None] * _quick_gelu_derivative(fwd.hidden.float())              # (L, 4D)
+    per_token = gate * linear(xhat.to(dtype), c_proj.t()).float()                     # (L, 4D), all targets
+    d_hidden = gate * linear(w.to(dtype), c_proj.t()).float()[:, None]                # (K, L, 4D)
+    d_hidden.addcmul_(beta[..., None], per_token, value=-1.0)
+    # c_fc and ln_2, then out_proj.
+    d_normed = linear(d_hidden.to(dtype), block.mlp.c_fc.weight.t()).float()        # (K, L, D)
+    grad = grad + _layer_norm_backward(d_normed, fwd.mid, *fwd.ln_2, block.ln_2.weight.float())
+    d_heads = linear(grad.to(dtype), block.attn.out_proj.weight.t())                 # (K, L, D)
+    d_heads = _split_heads(d_heads, heads)                                           # (h, L, K·d)
+    a = fwd.attn
+    q, key, v, probs, out = a.q[0], a.k[0], a.v[0], a.probs[0], a.heads[0]          # (h, L, d), (h, L, L)
+    head_dim = q.shape[-1]
+    r = (d_heads.reshape(heads, n_tokens, k, head_dim).float() * out.float()[:, :, None]).sum(dim=-1)
+    both = probs.transpose(1, 2) @ torch.cat([d_heads, r.to(dtype)], dim=-1)        # Pᵀ [dO | r] (h, L, K·d + K)
+    pt_d = both[..., :-k].float().reshape(heads, n_tokens, k, head_dim)              # D = Pᵀ dO (h, L, K, d)
+    pt_r = both[..., -k:].float()                                                    # Pᵀ r (h, L, K)
+    d_heads = d_heads.reshape(heads, n_tokens, k, head_dim).float()                  # (h, L, K, d)
+    u = (pt_d * v.float()[:, :, None]).sum(dim=-1) - pt_r                            # (h, L, K)
+    sum_q = torch.einsum("hjk,hjd->khd", u, key.float()) * head_dim ** -0.5         # (K, h, d)
+    ds0 = probs[:, :, 0, None].float() * ((d_heads * v[:, 0, None, None].float()).sum(dim=-1) - r)
+    sum_k = -torch.einsum("hik,hid->khd", ds0, q.float())                            # (K, h, d)
+    sum_v = pt_d[:, 1:].sum(dim=1).permute(1, 0, 2)                                  # (K, h, d)
+    sums = torch.cat([t.reshape(k, width) for t in (sum_q, sum_k, sum_v)], dim=1)     # (K, 3D)
+    return linear(sums.to(dtype), block.attn.in_proj_weight.t()).float()             # (K, D)
 
 
 def gradcam(model: CLIP, trunk: Trunk, rows: torch.Tensor, targets: Sequence[int],
             max_batch: Optional[int] = None) -> GradCamOutput:
     """Grad-CAMs of the probabilities ``targets`` (row indices) from ONE forward pass of the
-    last block.
+    last block and one batched, written-out backward pass (:func:`gradcam_weights`).
 
-    ``rows``: (R, E) text rows of this image. The vector-Jacobian products of up to
-    ``max_batch`` targets (default: :func:`gradcam_batch_size`) are computed in one batched
-    backward pass (``torch.autograd.grad(..., is_grads_batched=True)``); further targets take
-    further passes over the same graph. :func:`gradcam_per_target` is the reference's
-    schedule (a forward and a backward pass per label), for tests.
+    ``rows``: (R, E) text rows of this image. Targets are processed ``max_batch`` at a time
+    (default: as many as GRADCAM_CHUNK_ELEMENTS allows). :func:`gradcam_per_target` is the
+    reference's schedule (a forward and an autograd backward pass per label), for tests.
     """
-    block = model.visual.transformer.resblocks[-1]
-    tokens = trunk.tokens.detach()
-    with torch.no_grad():
-        activation = block.ln_1(tokens)
-    activation.requires_grad_(True)
+    fwd = last_block_forward(model, trunk.tokens.detach())
+    targets = [int(t) for t in targets]
+    probs, cotangents = _probability_gradients(model, fwd.pooled, rows, targets)
     if max_batch is None:
-        max_batch = gradcam_batch_size(tokens.shape[1], block.attn.heads, tokens.device)
-    with torch.enable_grad():
-        probs, weights = last_block_probabilities(model, tokens, activation, rows)
-        targets = [int(t) for t in targets]
-        parts = [activation.new_zeros(0, *activation.shape[1:])]
-        for start in range(0, len(targets), max_batch):
-            chunk = targets[start:start + max_batch]
-            selectors = torch.zeros(len(chunk), *probs.shape, dtype=probs.dtype, device=probs.device)
-            selectors[torch.arange(len(chunk), device=probs.device), 0,
-                      torch.as_tensor(chunk, device=probs.device)] = 1.0
-            (grads,) = torch.autograd.grad(probs, activation, selectors, is_grads_batched=True,
-                                           retain_graph=start + max_batch < len(targets))
-            parts.append(grads[:, 0])                             # (k, 1 + P, width)
-    cams = gradcam_from_gradients(activation[0].detach(), torch.cat(parts), trunk.grid)
-    return GradCamOutput(cams, probs[0].detach(), weights[0].detach())
+        max_batch = max(1, GRADCAM_CHUNK_ELEMENTS // (fwd.hidden.numel()))
+    weights = torch.cat([cotangents.new_zeros(0, fwd.out.shape[1])] + [
+        gradcam_weights(model, fwd, cotangents[s:s + max_batch]) for s in range(0, len(targets), max_batch)])
+    n_patches = fwd.out.shape[0] - 1
+    cams = gradcam_from_weights(fwd.activation, weights / n_patches, trunk.grid)
+    return GradCamOutput(cams, probs, fwd.attn.weights[0])
 
 
 def gradcam_per_target(model: CLIP, trunk: Trunk, rows: torch.Tensor,

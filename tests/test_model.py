@@ -111,6 +111,24 @@ def test_returned_weights_are_the_unmasked_softmax_averaged_over_heads(case):
     assert helpers.max_abs_diff(weights.sum(dim=-1), torch.ones(BATCH, TOKENS)) <= WEIGHTS_ATOL
 
 
+def test_parts_equal_the_explicit_forward():
+    """Attention.parts keeps the intermediates of exactly the unmasked explicit forward."""
+    attn, x = _attention(), _tokens()
+    with torch.no_grad():
+        out, weights = attn(x, None, need_weights=True)
+        parts = attn.parts(x)
+        one = attn.parts(x[:1])
+    # The forward takes a CPU batch one image at a time: bit-equal for one image, rounding for more.
+    assert torch.equal(one.out, out[:1]) and torch.equal(one.weights, weights[:1])
+    assert helpers.max_abs_diff(parts.out, out) <= ATOL and helpers.max_abs_diff(parts.weights, weights) <= WEIGHTS_ATOL
+    assert parts.probs.shape == (BATCH, HEADS, TOKENS, TOKENS)
+    scale = (WIDTH // HEADS) ** -0.5
+    assert helpers.max_abs_diff(parts.probs, torch.softmax(parts.q @ parts.k.transpose(-2, -1), -1)) <= 1e-7
+    assert helpers.max_abs_diff(parts.heads, parts.probs @ parts.v) <= 1e-7
+    q = x @ attn.in_proj_weight[:WIDTH].t() + attn.in_proj_bias[:WIDTH]
+    assert helpers.max_abs_diff(parts.q, scale * q.reshape(BATCH, TOKENS, HEADS, -1).transpose(1, 2)) <= ATOL
+
+
 def test_masks_change_the_output_but_not_the_returned_map():
     torch.manual_seed(3)
     block = ResidualAttentionBlock(WIDTH, HEADS).eval()
