@@ -305,7 +305,9 @@ def gradcam_weights(model: CLIP, fwd: LastBlockForward, cotangents: torch.Tensor
     n_tokens, width = fwd.out.shape
     k = cotangents.shape[0]
     # ln_post and the patch mean (the class token gets no gradient), times c_proj's weight.
-    w = cotangents / (n_tokens - 1) * visual.ln_post.weight.float()
+    # The mean's 1/P is applied at the very end: gradients of a probability divided by P
+    # would sit in float16's subnormal range when the model runs in half precision.
+    w = cotangents * visual.ln_post.weight.float()
     w = w - w.mean(dim=-1, keepdim=True)                                             # (K, D)
     mean, rstd = fwd.ln_post
     xhat = (fwd.out - mean) * rstd                                                   # (L, D)
@@ -337,7 +339,7 @@ def gradcam_weights(model: CLIP, fwd: LastBlockForward, cotangents: torch.Tensor
     sum_k = -torch.einsum("hik,hid->khd", ds0, q.float())                            # (K, h, d)
     sum_v = pt_d[:, 1:].sum(dim=1).permute(1, 0, 2)                                  # (K, h, d)
     sums = torch.cat([t.reshape(k, width) for t in (sum_q, sum_k, sum_v)], dim=1)     # (K, 3D)
-    return linear(sums.to(dtype), block.attn.in_proj_weight.t()).float()             # (K, D)
+    return linear(sums.to(dtype), block.attn.in_proj_weight.t()).float() / (n_tokens - 1)  # (K, D)
 
 
 def gradcam(model: CLIP, trunk: Trunk, rows: torch.Tensor, targets: Sequence[int],

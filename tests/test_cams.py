@@ -41,7 +41,8 @@ PROBS_ATOL = 1e-5
 ATTN_ATOL = 1e-5
 TEXT_ATOL = 1e-6
 TRUNK_ATOL = 1e-4
-BATCHED_ATOL = 1e-6
+# cams in [0, 1]: the written-out backward pass sums in another order than autograd's.
+BATCHED_ATOL = 1e-5
 
 # variant -> (dataset, image folder, label file). TagCLIP label files: the reference's own
 # label lines (label_lines.json; voc2012/coco2017 share voc2007/coco2014's). GT variants: the
