@@ -314,16 +314,16 @@ def gradcam_weights(model: CLIP, fwd: LastBlockForward, cotangents: torch.Tensor
     beta = (w @ xhat.t()) / width                                                    # (K, L)
     rstd = rstd.t().clone()
     rstd[:, 0] = 0.0                                                                 # (1, L): no class token
-    c_proj = block.mlp.c_proj.weight                                                 # (D, 4D)
     grad = rstd[..., None] * (w[:, None] - beta[..., None] * xhat)                   # (K, L, D) at x_out
     gate = rstd[0, :, None] * _quick_gelu_derivative(fwd.hidden.float())              # (L, 4D)
-    per_token = gate * linear(xhat.to(dtype), c_proj.t()).float()                     # (L, 4D), all targets
-    d_hidden = gate * linear(w.to(dtype), c_proj.t()).float()[:, None]                # (K, L, 4D)
+    c_proj = block.mlp.c_proj
+    per_token = gate * c_proj.input_gradient(xhat.to(dtype)).float()                  # (L, 4D), all targets
+    d_hidden = gate * c_proj.input_gradient(w.to(dtype)).float()[:, None]             # (K, L, 4D)
     d_hidden.addcmul_(beta[..., None], per_token, value=-1.0)
     # c_fc and ln_2, then out_proj.
-    d_normed = linear(d_hidden.to(dtype), block.mlp.c_fc.weight.t()).float()        # (K, L, D)
+    d_normed = block.mlp.c_fc.input_gradient(d_hidden.to(dtype)).float()             # (K, L, D)
     grad = grad + _layer_norm_backward(d_normed, fwd.mid, *fwd.ln_2, block.ln_2.weight.float())
-    d_heads = linear(grad.to(dtype), block.attn.out_proj.weight.t())                 # (K, L, D)
+    d_heads = block.attn.out_proj.input_gradient(grad.to(dtype))                     # (K, L, D)
     d_heads = _split_heads(d_heads, heads)                                           # (h, L, K·d)
     a = fwd.attn
     q, key, v, probs, out = a.q[0], a.k[0], a.v[0], a.probs[0], a.heads[0]          # (h, L, d), (h, L, L)

@@ -123,8 +123,8 @@ def test_parts_equal_the_explicit_forward():
     assert helpers.max_abs_diff(parts.out, out) <= ATOL and helpers.max_abs_diff(parts.weights, weights) <= WEIGHTS_ATOL
     assert parts.probs.shape == (BATCH, HEADS, TOKENS, TOKENS)
     scale = (WIDTH // HEADS) ** -0.5
-    assert helpers.max_abs_diff(parts.probs, torch.softmax(parts.q @ parts.k.transpose(-2, -1), -1)) <= 1e-7
-    assert helpers.max_abs_diff(parts.heads, parts.probs @ parts.v) <= 1e-7
+    assert helpers.max_abs_diff(parts.probs, torch.softmax(parts.q @ parts.k.transpose(-2, -1), -1)) <= WEIGHTS_ATOL
+    assert helpers.max_abs_diff(parts.heads, parts.probs @ parts.v) <= WEIGHTS_ATOL
     q = x @ attn.in_proj_weight[:WIDTH].t() + attn.in_proj_bias[:WIDTH]
     assert helpers.max_abs_diff(parts.q, scale * q.reshape(BATCH, TOKENS, HEADS, -1).transpose(1, 2)) <= ATOL
 
