@@ -61,7 +61,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     ``cache`` dict the weight's blocked copy is kept there under ``slot``."""
     if _onednn_applies(x, weight):
         try:
-            w = _packed(weight, cache, slot) if cache is not None else weight
+            # Inference-mode tensors have no version counter to notice in-place changes with.
+            w = _packed(weight, cache, slot) if cache is not None and not weight.is_inference() else weight
             return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
         except RuntimeError:  # an unsupported layout or build: the portable path
             pass

@@ -2,8 +2,10 @@
 truncation, architecture from shapes, strict loading and checkpoint formats (SPEC §2)."""
 from __future__ import annotations
 
+import copy
 import functools
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ import torch
 import clip
 import helpers
 from clip import build_model, tokenize
-from clip.model import Attention, ResidualAttentionBlock
+from clip.model import Attention, Linear, ResidualAttentionBlock
+from clip.model import linear as model_linear
 from tagclip.errors import InputError
 from tagclip.method import region_masks, self_only_masks
 from helpers import save_torchscript
@@ -375,3 +378,25 @@ def test_tiny_golden_checkpoint_architecture(tiny_model):
     assert tiny_model.transformer.layers == 3 and tiny_model.transformer.resblocks[0].attn.heads == 1
     assert tiny_model.text_projection.shape == (64, 96)
     assert abs(float(tiny_model.logit_scale) - math.log(100.0)) < 1e-2
+
+
+def test_packed_weights_follow_the_weight_and_never_travel():
+    """Linear keeps oneDNN's blocked copy of its weight: results are those of the plain call,
+    an in-place change of the weight is seen, and copies / dtype moves drop the cache."""
+    torch.manual_seed(5)
+    layer = Linear(WIDTH, 3 * WIDTH).eval()
+    x = torch.randn(7, WIDTH)
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(first, model_linear(x, layer.weight, layer.bias))  # no cache: plain call
+        assert "weight" in layer.weight_cache
+        layer.weight.mul_(2.0)
+        second = layer(x)
+        assert torch.equal(second, model_linear(x, layer.weight, layer.bias))
+        assert helpers.max_abs_diff(second - layer.bias, 2 * (first - layer.bias)) <= ATOL
+        grad = torch.randn(7, 3 * WIDTH)
+        assert helpers.max_abs_diff(layer.input_gradient(grad), grad @ layer.weight) <= ATOL
+    assert "_onednn_weights" not in copy.deepcopy(layer).__dict__
+    assert "_onednn_weights" not in pickle.loads(pickle.dumps(layer)).__dict__
+    layer.double()
+    assert "_onednn_weights" not in layer.__dict__
