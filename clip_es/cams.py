@@ -288,8 +288,8 @@ def gradcam_weights(model: CLIP, fwd: LastBlockForward, cotangents: torch.Tensor
     dtype). Two identities keep the per-target work to two token-wise products and one
     attention product:
 
-    * ln_post's backward at token i is rstd_i·(w − x̂_i·(x̂_i·w)/D) with w the centred
-      γ ⊙ cotangent/P, so its product with c_proj's weight is rstd_i·(w W − (x̂_i·w)/D · x̂_i W):
+    * ln_post's backward at token i is rstd_i·(w − x̂_i·(x̂_i·w)/D)/P with w the centred
+      γ ⊙ cotangent, so its product with c_proj's weight is rstd_i·(w W − (x̂_i·w)/D · x̂_i W)/P:
       x̂ W is computed once for all targets;
     * only patch SUMS of the attention's input gradients are needed. With S = q kᵀ (q
       scaled), P = softmax(S), O = P v, r_i = dO_i·O_i and D = Pᵀ dO:
@@ -355,7 +355,7 @@ def gradcam(model: CLIP, trunk: Trunk, rows: torch.Tensor, targets: Sequence[int
     targets = [int(t) for t in targets]
     probs, cotangents = _probability_gradients(model, fwd.pooled, rows, targets)
     if max_batch is None:
-        max_batch = max(1, GRADCAM_CHUNK_ELEMENTS // (fwd.hidden.numel()))
+        max_batch = max(1, GRADCAM_CHUNK_ELEMENTS // fwd.hidden.numel())
     weights = torch.cat([cotangents.new_zeros(0, fwd.out.shape[1])] + [
         gradcam_weights(model, fwd, cotangents[s:s + max_batch]) for s in range(0, len(targets), max_batch)])
     n_patches = fwd.out.shape[0] - 1
