@@ -280,12 +280,13 @@ def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(k, n, heads, d // heads).permute(2, 1, 0, 3).reshape(heads, n, k * (d // heads))
 
 
-def gradcam_weights(model: CLIP, fwd: LastBlockForward, cotangents: torch.Tensor) -> torch.Tensor:
+def gradcam_weights(model: CLIP, fwd: LastBlockForward, cotangents: torch.Tensor,
+                    max_batch: Optional[int] = None) -> torch.Tensor:
     """Σ over patch tokens of d(target)/d(activation) for K targets given d(target)/d(pooled).
 
     ``cotangents``: (K, width) gradients at the pooled feature -> (K, width). The backward
-    pass of block 11 written out, all K at once (float32, matrix products in the model's
-    dtype). Two identities keep the per-target work to two token-wise products and one
+    pass of block 11 written out, ``max_batch`` targets at a time (default: as many as
+    GRADCAM_CHUNK_ELEMENTS allows; float32, matrix products in the model's dtype). Two identities keep the per-target work to two token-wise products and one
     attention product:
 
     * ln_post's backward at token i is rstd_i·(w − x̂_i·(x̂_i·w)/D)/P with w the centred
@@ -298,27 +299,41 @@ def gradcam_weights(model: CLIP, fwd: LastBlockForward, cotangents: torch.Tensor
         Σ_{j≥1} dv_j = Σ_{j≥1} D_j
       (the class token's query row gets no gradient, and the rows of dS sum to zero).
     """
+    if not len(cotangents):
+        return cotangents.new_zeros(0, fwd.out.shape[1])
+    block = model.visual.transformer.resblocks[-1]
+    dtype = fwd.hidden.dtype
+    # Shared by every target: ln_post's x̂ and rstd (zero for the class token, which gets no
+    # gradient), the MLP's gate, and x̂ times c_proj's weight.
+    mean, rstd = fwd.ln_post
+    xhat = (fwd.out - mean) * rstd                                                   # (L, D)
+    rstd = rstd.t().clone()
+    rstd[:, 0] = 0.0                                                                 # (1, L)
+    gate = rstd[0, :, None] * _quick_gelu_derivative(fwd.hidden.float())              # (L, 4D)
+    per_token = gate * block.mlp.c_proj.input_gradient(xhat.to(dtype)).float()       # (L, 4D)
+    if max_batch is None:
+        max_batch = max(1, GRADCAM_CHUNK_ELEMENTS // fwd.hidden.numel())
+    return torch.cat([_target_weights(model, fwd, cotangents[s:s + max_batch], xhat, rstd, gate, per_token)
+                      for s in range(0, cotangents.shape[0], max_batch)])
+
+
+def _target_weights(model: CLIP, fwd: LastBlockForward, cotangents: torch.Tensor, xhat: torch.Tensor,
+                    rstd: torch.Tensor, gate: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
+    """:func:`gradcam_weights` for one chunk of K targets, given the shared terms."""
     visual = model.visual
     block = visual.transformer.resblocks[-1]
     heads = block.attn.heads
     dtype = fwd.hidden.dtype
     n_tokens, width = fwd.out.shape
     k = cotangents.shape[0]
-    # ln_post and the patch mean (the class token gets no gradient), times c_proj's weight.
-    # The mean's 1/P is applied at the very end: gradients of a probability divided by P
-    # would sit in float16's subnormal range when the model runs in half precision.
+    # ln_post and the patch mean, times c_proj's weight. The mean's 1/P is applied at the very
+    # end: gradients of a probability divided by P would sit in float16's subnormal range
+    # when the model runs in half precision.
     w = cotangents * visual.ln_post.weight.float()
     w = w - w.mean(dim=-1, keepdim=True)                                             # (K, D)
-    mean, rstd = fwd.ln_post
-    xhat = (fwd.out - mean) * rstd                                                   # (L, D)
     beta = (w @ xhat.t()) / width                                                    # (K, L)
-    rstd = rstd.t().clone()
-    rstd[:, 0] = 0.0                                                                 # (1, L): no class token
     grad = rstd[..., None] * (w[:, None] - beta[..., None] * xhat)                   # (K, L, D) at x_out
-    gate = rstd[0, :, None] * _quick_gelu_derivative(fwd.hidden.float())              # (L, 4D)
-    c_proj = block.mlp.c_proj
-    per_token = gate * c_proj.input_gradient(xhat.to(dtype)).float()                  # (L, 4D), all targets
-    d_hidden = gate * c_proj.input_gradient(w.to(dtype)).float()[:, None]             # (K, L, 4D)
+    d_hidden = gate * block.mlp.c_proj.input_gradient(w.to(dtype)).float()[:, None]  # (K, L, 4D)
     d_hidden.addcmul_(beta[..., None], per_token, value=-1.0)
     # c_fc and ln_2, then out_proj.
     d_normed = block.mlp.c_fc.input_gradient(d_hidden.to(dtype)).float()             # (K, L, D)
@@ -354,10 +369,7 @@ def gradcam(model: CLIP, trunk: Trunk, rows: torch.Tensor, targets: Sequence[int
     fwd = last_block_forward(model, trunk.tokens.detach())
     targets = [int(t) for t in targets]
     probs, cotangents = _probability_gradients(model, fwd.pooled, rows, targets)
-    if max_batch is None:
-        max_batch = max(1, GRADCAM_CHUNK_ELEMENTS // fwd.hidden.numel())
-    weights = torch.cat([cotangents.new_zeros(0, fwd.out.shape[1])] + [
-        gradcam_weights(model, fwd, cotangents[s:s + max_batch]) for s in range(0, len(targets), max_batch)])
+    weights = gradcam_weights(model, fwd, cotangents, max_batch)
     n_patches = fwd.out.shape[0] - 1
     cams = gradcam_from_weights(fwd.activation, weights / n_patches, trunk.grid)
     return GradCamOutput(cams, probs, fwd.attn.weights[0])
