@@ -1,14 +1,22 @@
-"""Write the split files of SPEC §8 from the official dataset releases.
+"""Write (or check) the split files of ``imageset/`` from the official dataset releases.
 
 Usage::
 
     python -m tagclip.datasets prepare --dataset {voc2007,voc2012,coco2014,coco2017,cocostuff}
-        --root DIR [--out FILE] [--skip_difficult] [--check] [--masks_out DIR] [--overwrite]
+        --root DIR [--out FILE] [--skip_difficult] [--all_images] [--check] [--masks_out DIR] [--overwrite]
 
 Every split line is ``id l1 l2 ...`` with 0-based class ids; ``--out`` defaults to the
 registry's ``default_split`` (e.g. ``imageset/voc2007/test_cls.txt``) under the current
-directory. Outputs are written atomically. A missing or malformed input file is reported as
-one ``error: <file>: <problem>`` line with exit status 2; a failed ``--check`` exits 1.
+directory, the same names as the split files shipped in the repository's ``imageset/``
+folder (:data:`IMAGESET_DIR`, the authors' files the paper's tables were computed on).
+Outputs are written atomically. A missing or malformed input file is reported as one
+``error: <file>: <problem>`` line with exit status 2; a failed ``--check`` exits 1 and writes
+nothing.
+
+``--check`` compares the image count with the official one (:data:`EXPECTED_SIZES`) and,
+when the shipped split file of the dataset exists, the ids (in order) and the line count with
+it. Labels are not compared: they may legitimately differ in convention (e.g. the order of a
+VOC image's classes, or difficult objects).
 
 Sources and choices
 -------------------
@@ -29,11 +37,14 @@ Sources and choices
   10 unused ones) to 0..79. The mapped names are checked against ``COCO_CLASSES`` (the
   official names, up to the paper's spellings motorbike, aeroplane, sofa, pottedplant,
   diningtable, tvmonitor).
-* ``cocostuff`` (val, 5000 images): ``--root`` holds the official stuffthingmaps PNGs
-  ``val2017/*.png`` (values 0..181, 255 unlabeled). Every PNG found is listed, sorted by
-  name; the labels are the values present except 255, ascending, in the 182-index space
-  (the classifier maps them to the 171 classes, quirk Q7). A value above 181 (other than
-  255) or one of the 11 unused ids is an error naming the PNG.
+* ``cocostuff`` (val): ``--root`` holds the official stuffthingmaps PNGs ``val2017/*.png``
+  (values 0..181, 255 unlabeled). By default the split is the paper's 4172-image subset of
+  the 5000 val2017 images: ids, and their order, are those of the shipped
+  ``imageset/cocostuff/val.txt``; each id's labels are computed from ``val2017/{id}.png`` (a
+  missing PNG is an error naming it). ``--all_images`` lists every PNG found instead (5000
+  images), sorted by name. The labels are the values present except 255, ascending, in the
+  182-index space (the classifier maps them to the 171 classes). A value above 181 (other
+  than 255) or one of the 11 unused ids is an error naming the PNG.
 
 81-class COCO masks (``--masks_out``, coco2017 only)
 ----------------------------------------------------
@@ -63,18 +74,28 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+import tagclip
 from tagclip.errors import InputError
-from tagclip.labels import read_bytes, write_text_atomic
+from tagclip.labels import read_bytes, read_split, write_text_atomic
 from tagclip.vocab import COCO_CLASSES, COCO_STUFF_182, COCO_STUFF_UNUSED, VOC_CLASSES
 
 DATASET_NAMES = ("voc2007", "voc2012", "coco2014", "coco2017", "cocostuff")
 
-# Image counts of the official releases (as in the paper); ``--check`` asserts them.
+# The split files shipped with the repository (the authors' files; see imageset/README.md).
+# Every default location of a shipped file is derived from this one path.
+IMAGESET_DIR = Path(tagclip.__file__).resolve().parents[1] / "imageset"
+
+# Image counts of the splits ``prepare`` writes by default (as in the paper); ``--check``
+# asserts them. COCO-Stuff's default is the paper's subset of val2017.
 EXPECTED_SIZES = {
     "voc2007": 4952,
     "voc2012": 1449,
     "coco2014": 40137,
     "coco2017": 4952,
+    "cocostuff": 4172,
+}
+# Image counts with ``--all_images`` (COCO-Stuff only): every official val2017 map.
+EXPECTED_SIZES_ALL_IMAGES = {
     "cocostuff": 5000,
 }
 
@@ -95,7 +116,7 @@ _STUFF_UNUSED = frozenset(COCO_STUFF_UNUSED)
 
 
 class CheckError(Exception):
-    """``--check`` found a split size that differs from the official release."""
+    """``--check`` found a split that differs from the official size or the shipped file."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -352,26 +373,89 @@ def stuff_labels(png_path: Path) -> list[int]:
     return labels
 
 
-def prepare_cocostuff(root) -> list[tuple[str, list[int]]]:
-    """Rows of the COCO-Stuff val split from ``{root}/val2017/*.png``."""
+def shipped_split(dataset: str, imageset_dir=None) -> Path:
+    """Path of the split file of ``dataset`` shipped in ``imageset_dir`` (default :data:`IMAGESET_DIR`)."""
+    from tagclip.registry import DATASETS
+
+    folder = Path(IMAGESET_DIR if imageset_dir is None else imageset_dir)
+    return folder / Path(DATASETS[dataset].default_split).relative_to("imageset")
+
+
+def cocostuff_subset_ids(subset_file) -> list[str]:
+    """Image ids, in file order, of the shipped COCO-Stuff subset file (labels are ignored)."""
+    subset_file = Path(subset_file)
+    if not subset_file.is_file():
+        raise InputError(subset_file, "COCO-Stuff subset file not found (the paper's 4172-image split); "
+                                      "restore it, or pass --all_images to list every val2017 map")
+    return [entry.id for entry in read_split(subset_file)]
+
+
+def prepare_cocostuff(root, ids: Optional[Sequence[str]] = None,
+                      subset_file=None) -> list[tuple[str, list[int]]]:
+    """Rows of the COCO-Stuff val split from ``{root}/val2017/*.png``.
+
+    ``ids`` (in order) selects the images, e.g. the paper's subset; ``None`` lists every PNG
+    found, sorted by name. ``subset_file`` only names the source of ``ids`` in errors.
+    """
     folder = Path(root) / "val2017"
     _require_dir(Path(root), "COCO-Stuff root folder")
     _require_dir(folder, "stuffthingmaps folder")
-    pngs = sorted(p for p in folder.iterdir() if p.suffix == ".png" and p.is_file())
-    if not pngs:
-        raise InputError(folder, "no .png files found")
-    return [(p.stem, stuff_labels(p)) for p in pngs]
+    if ids is None:
+        pngs = sorted(p for p in folder.iterdir() if p.suffix == ".png" and p.is_file())
+        if not pngs:
+            raise InputError(folder, "no .png files found")
+        return [(p.stem, stuff_labels(p)) for p in pngs]
+    rows = []
+    source = f" listed in {subset_file}" if subset_file is not None else ""
+    for image_id in ids:
+        png = folder / f"{image_id}.png"
+        if not png.is_file():
+            raise InputError(png, f"file not found (image {image_id} of the COCO-Stuff subset{source})")
+        rows.append((image_id, stuff_labels(png)))
+    return rows
 
 
 # ----------------------------------------------------------------------------- driver
 
-def check_size(dataset: str, count: int) -> None:
-    expected = EXPECTED_SIZES[dataset]
-    if count != expected:
+def check_size(dataset: str, count: int, all_images: bool = False) -> None:
+    """:class:`CheckError` unless ``count`` is the expected image count of the split."""
+    if all_images:
+        expected = EXPECTED_SIZES_ALL_IMAGES[dataset]
+    else:
+        expected = EXPECTED_SIZES[dataset]
+    if count == expected:
+        return
+    if dataset == "cocostuff" and not all_images:
         raise CheckError(
-            f"{dataset} split has {count} images, the official release gives {expected}; "
-            "is --root the complete official dataset?"
+            f"cocostuff split has {count} images, the paper's subset has {expected}; "
+            "is the shipped subset file complete?"
         )
+    raise CheckError(
+        f"{dataset} split has {count} images, the official release gives {expected}; "
+        "is --root the complete official dataset?"
+    )
+
+
+def _quoted(row: Optional[str]) -> str:
+    return "(end of file)" if row is None else f'"{row}"'
+
+
+def check_against_shipped(ids: Sequence[str], shipped) -> None:
+    """:class:`CheckError` unless ``ids`` are the ids of the ``shipped`` split file, in order.
+
+    The message names the shipped file, both counts and the first line that differs.
+    """
+    shipped = Path(shipped)
+    expected = [entry.id for entry in read_split(shipped)]
+    if list(ids) == expected:
+        return
+    line = next((i for i, (a, b) in enumerate(zip(ids, expected)) if a != b), min(len(ids), len(expected)))
+    here = ids[line] if line < len(ids) else None
+    there = expected[line] if line < len(expected) else None
+    raise CheckError(
+        f"{shipped}: the shipped split has {len(expected)} images, this one {len(ids)}; "
+        f"first different id at line {line + 1}: shipped {_quoted(there)}, here {_quoted(here)}"
+    )
 
 
 def default_out(dataset: str) -> Path:
@@ -381,11 +465,16 @@ def default_out(dataset: str) -> Path:
 
 
 def prepare(dataset: str, root, out=None, skip_difficult: bool = False, check: bool = False,
-            masks_out=None, overwrite: bool = False, log=None) -> Path:
+            masks_out=None, overwrite: bool = False, log=None, all_images: bool = False,
+            imageset_dir=None) -> Path:
     """Write the split file of ``dataset`` (and the COCO2017 masks); returns the split path.
 
-    With ``check`` the image count is compared with the official one before anything is
-    written (:class:`CheckError` on a difference).
+    ``imageset_dir`` is the folder of the shipped split files (default :data:`IMAGESET_DIR`):
+    the COCO-Stuff subset is read from it, and ``check`` compares with its files. With
+    ``check``, the image count is compared with the expected one and the ids with the
+    shipped file (when present) before anything is written (:class:`CheckError` on a
+    difference). ``all_images`` (COCO-Stuff only) lists every val2017 map instead of the
+    paper's subset.
     """
     if dataset not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASET_NAMES)}")
@@ -393,17 +482,28 @@ def prepare(dataset: str, root, out=None, skip_difficult: bool = False, check: b
         raise ValueError("--masks_out renders COCO2017 masks; use it with --dataset coco2017")
     if skip_difficult and not dataset.startswith("voc"):
         raise ValueError("--skip_difficult applies to the VOC datasets only")
+    if all_images and dataset != "cocostuff":
+        raise ValueError("--all_images applies to --dataset cocostuff only")
     out = Path(out) if out is not None else default_out(dataset)
+    shipped = shipped_split(dataset, imageset_dir)
     coco = json_path = None
     if dataset in ("voc2007", "voc2012"):
         rows = prepare_voc(root, dataset[3:], skip_difficult)
     elif dataset in ("coco2014", "coco2017"):
         coco_rows_, coco, json_path = prepare_coco(root, dataset[4:])
         rows = [(image_id, labels) for image_id, labels, _ in coco_rows_]
-    else:
+    elif all_images:
         rows = prepare_cocostuff(root)
+    else:
+        rows = prepare_cocostuff(root, cocostuff_subset_ids(shipped), subset_file=shipped)
     if check:
-        check_size(dataset, len(rows))
+        check_size(dataset, len(rows), all_images)
+        if all_images:
+            pass  # the shipped file is the subset: there is nothing to compare all images with
+        elif shipped.is_file():
+            check_against_shipped([image_id for image_id, _ in rows], shipped)
+        elif log:
+            log(f"no shipped split {shipped}: ids not compared")
 
     write_text_atomic(out, format_split(rows))
     if log:
@@ -418,7 +518,7 @@ def prepare(dataset: str, root, out=None, skip_difficult: bool = False, check: b
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tagclip.datasets",
-        description="Write split files (SPEC §8) from the official dataset releases.")
+        description="Write or check the split files of imageset/ from the official dataset releases.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="write one dataset's split file",
                        description="Write one dataset's split file (and optionally COCO2017 masks).")
@@ -426,10 +526,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True,
                    help="VOC year folder; COCO folder holding annotations/; COCO-Stuff folder holding val2017/")
     p.add_argument("--out", default=None,
-                   help="split file to write (default: the registry's default split under the current directory)")
+                   help="split file to write (default: the dataset's file name under imageset/ of the current "
+                        "directory, e.g. imageset/voc2007/test_cls.txt; from the repository root this replaces "
+                        "the shipped file)")
     p.add_argument("--skip_difficult", action="store_true", help="VOC: ignore objects marked difficult")
+    p.add_argument("--all_images", action="store_true",
+                   help="cocostuff: list every map of val2017/ (5000 images) instead of the paper's "
+                        "4172-image subset, whose ids are read from the shipped imageset/cocostuff/val.txt")
     p.add_argument("--check", action="store_true",
-                   help="fail (exit 1, nothing written) unless the image count is the official one")
+                   help="fail (exit 1, nothing written) unless the image count is the expected one and the "
+                        "image ids (in order) are those of the shipped split file of the dataset, when "
+                        "present (labels are not compared; cocostuff with --all_images: the count only)")
     p.add_argument("--masks_out", default=None, help="coco2017: render 81-class masks {id}.png into this folder")
     p.add_argument("--overwrite", action="store_true", help="with --masks_out: re-render existing mask files")
     return parser
@@ -440,7 +547,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         prepare(args.dataset, args.root, args.out, skip_difficult=args.skip_difficult, check=args.check,
-                masks_out=args.masks_out, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
+                masks_out=args.masks_out, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr),
+                all_images=args.all_images)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -76,7 +76,7 @@ def _voc_coco(name: str, classes, background, split: str, cam: CamConfig) -> Dat
 DATASETS: Mapping[str, DatasetConfig] = MappingProxyType({
     "voc2007": _voc_coco("voc2007", VOC_CLASSES, VOC_BACKGROUND, "imageset/voc2007/test_cls.txt", VOC_CAM),
     "voc2012": _voc_coco("voc2012", VOC_CLASSES, VOC_BACKGROUND, "imageset/voc2012/val.txt", VOC_CAM),
-    "coco2014": _voc_coco("coco2014", COCO_CLASSES, COCO_BACKGROUND, "imageset/coco2014/val.txt", COCO_CAM),
+    "coco2014": _voc_coco("coco2014", COCO_CLASSES, COCO_BACKGROUND, "imageset/coco2014/val_cls.txt", COCO_CAM),
     "coco2017": _voc_coco("coco2017", COCO_CLASSES, COCO_BACKGROUND, "imageset/coco2017/val.txt", COCO_CAM),
     "cocostuff": DatasetConfig(
         "cocostuff", COCO_STUFF_CLASSES, (),

@@ -312,7 +312,8 @@ def test_cocostuff_split_reads_back_with_label_map(tmp_path):
     c = np.array([[156, 156], [3, 255]])
     root = make_stuff(tmp_path / "stuff", {"000000000285": a, "000000000139": c, "000000000632": b})
     out = tmp_path / "val.txt"
-    assert datasets.main(["prepare", "--dataset", "cocostuff", "--root", str(root), "--out", str(out)]) == 0
+    assert datasets.main(["prepare", "--dataset", "cocostuff", "--root", str(root), "--out", str(out),
+                          "--all_images"]) == 0
     assert out.read_text() == "000000000139 3 156\n000000000285 0 92 181\n000000000632\n"
     entries = read_split(out, num_classes=171, label_map=COCO_STUFF_182_TO_171)
     assert entries[1].labels == (0, COCO_STUFF_182_TO_171[92], 170)
@@ -335,12 +336,198 @@ def test_cocostuff_bad_values(tmp_path):
 def test_cocostuff_check_and_cli_module(tmp_path):
     root = make_stuff(tmp_path / "stuff", {"a": [[1]]})
     proc = subprocess.run([sys.executable, "-m", "tagclip.datasets", "prepare", "--dataset", "cocostuff",
-                           "--root", str(root), "--out", str(tmp_path / "v.txt"), "--check"],
+                           "--root", str(root), "--out", str(tmp_path / "v.txt"), "--check", "--all_images"],
                           cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("error: check failed: cocostuff split has 1 images, the official release "
                                    "gives 5000; is --root the complete official dataset?")
     assert not (tmp_path / "v.txt").exists()
+
+
+def test_cocostuff_default_reads_the_shipped_subset(tmp_path):
+    # The real shipped subset starts with 000000000139; this folder has other maps only.
+    root = make_stuff(tmp_path / "stuff", {"000000000285": [[1]]})
+    proc = subprocess.run([sys.executable, "-m", "tagclip.datasets", "prepare", "--dataset", "cocostuff",
+                           "--root", str(root), "--out", str(tmp_path / "v.txt")],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    png = root / "val2017" / "000000000139.png"
+    subset = REPO_ROOT / "imageset" / "cocostuff" / "val.txt"
+    assert proc.stderr == (f"error: {png}: file not found (image 000000000139 of the COCO-Stuff subset "
+                           f"listed in {subset})\n")
+    assert not (tmp_path / "v.txt").exists()
+
+
+# A subset file in the shipped format: ids in a non-sorted order, labels that the PNGs contradict
+# (prepare takes the ids and their order from it, and computes the labels from the PNGs).
+SUBSET = "000000000632 5\n000000000139 1 2 3\n"
+
+
+def make_subset(folder: Path, text: str = SUBSET) -> Path:
+    (folder / "cocostuff").mkdir(parents=True)
+    (folder / "cocostuff" / "val.txt").write_text(text)
+    return folder
+
+
+def stuff_three(tmp_path):
+    a = np.full((4, 4), 255)
+    a[0, :] = 181
+    a[1, :] = 0
+    c = np.array([[156, 156], [3, 255]])
+    b = np.full((3, 3), 7)
+    return make_stuff(tmp_path / "stuff", {"000000000285": a, "000000000139": c, "000000000632": b})
+
+
+def test_cocostuff_subset_by_default(tmp_path):
+    root = stuff_three(tmp_path)
+    shipped = make_subset(tmp_path / "shipped")
+    out = datasets.prepare("cocostuff", root, tmp_path / "v.txt", imageset_dir=shipped)
+    assert out == tmp_path / "v.txt"
+    assert out.read_text() == "000000000632 7\n000000000139 3 156\n"
+    # --all_images: every PNG, sorted, whatever the subset file says
+    datasets.prepare("cocostuff", root, tmp_path / "all.txt", imageset_dir=shipped, all_images=True)
+    assert (tmp_path / "all.txt").read_text() == "000000000139 3 156\n000000000285 0 181\n000000000632 7\n"
+
+
+def test_cocostuff_subset_cli_default_out(tmp_path, monkeypatch, capsys):
+    root = stuff_three(tmp_path)
+    shipped = make_subset(tmp_path / "shipped")
+    monkeypatch.setattr(datasets, "IMAGESET_DIR", shipped)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert datasets.main(["prepare", "--dataset", "cocostuff", "--root", str(root)]) == 0
+    assert (work / "imageset" / "cocostuff" / "val.txt").read_text() == "000000000632 7\n000000000139 3 156\n"
+    assert (shipped / "cocostuff" / "val.txt").read_text() == SUBSET
+    assert "(2 images)" in capsys.readouterr().err
+
+
+def test_cocostuff_subset_png_missing(tmp_path, capsys, monkeypatch):
+    root = stuff_three(tmp_path)
+    shipped = make_subset(tmp_path / "shipped", SUBSET + "000000000724 9\n")
+    monkeypatch.setattr(datasets, "IMAGESET_DIR", shipped)
+    out = tmp_path / "v.txt"
+    assert datasets.main(["prepare", "--dataset", "cocostuff", "--root", str(root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    png = root / "val2017" / "000000000724.png"
+    assert err == (f"error: {png}: file not found (image 000000000724 of the COCO-Stuff subset listed in "
+                   f"{shipped / 'cocostuff' / 'val.txt'})\n")
+    assert not out.exists()
+
+
+def test_cocostuff_subset_file_missing(tmp_path, capsys, monkeypatch):
+    root = stuff_three(tmp_path)
+    empty = tmp_path / "no_imageset"
+    monkeypatch.setattr(datasets, "IMAGESET_DIR", empty)
+    out = tmp_path / "v.txt"
+    assert datasets.main(["prepare", "--dataset", "cocostuff", "--root", str(root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {empty / 'cocostuff' / 'val.txt'}: COCO-Stuff subset file not found (the paper's "
+                   "4172-image split); restore it, or pass --all_images to list every val2017 map\n")
+    assert not out.exists()
+    # the flag does not need the subset file
+    assert datasets.main(["prepare", "--dataset", "cocostuff", "--root", str(root), "--out", str(out),
+                          "--all_images"]) == 0
+    assert out.read_text().count("\n") == 3
+
+
+def test_cocostuff_subset_check_counts_the_paper_subset(tmp_path, capsys):
+    root = stuff_three(tmp_path)
+    shipped = make_subset(tmp_path / "shipped")
+    out = tmp_path / "v.txt"
+    with pytest.raises(datasets.CheckError) as exc:
+        datasets.prepare("cocostuff", root, out, check=True, imageset_dir=shipped)
+    assert str(exc.value) == ("cocostuff split has 2 images, the paper's subset has 4172; "
+                              "is the shipped subset file complete?")
+    assert not out.exists()
+
+
+def test_expected_sizes():
+    assert datasets.EXPECTED_SIZES == {"voc2007": 4952, "voc2012": 1449, "coco2014": 40137, "coco2017": 4952,
+                                       "cocostuff": 4172}
+    assert datasets.EXPECTED_SIZES_ALL_IMAGES == {"cocostuff": 5000}
+
+
+def test_all_images_only_for_cocostuff(tmp_path, capsys):
+    root = make_voc(tmp_path / "VOC2007", "2007", VOC_ANNOTATIONS)
+    with pytest.raises(SystemExit) as exc:
+        datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root), "--all_images"])
+    assert exc.value.code == 2
+    assert "--all_images applies to --dataset cocostuff only" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- --check against shipped files
+
+def make_shipped_voc(folder: Path, text: str) -> Path:
+    (folder / "voc2007").mkdir(parents=True)
+    (folder / "voc2007" / "test_cls.txt").write_text(text)
+    return folder
+
+
+def test_check_passes_when_ids_match_the_shipped_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(datasets.EXPECTED_SIZES, "voc2007", 3)
+    root = make_voc(tmp_path / "VOC2007", "2007", VOC_ANNOTATIONS)
+    # same ids in the same order; labels in another convention are not compared
+    shipped = make_shipped_voc(tmp_path / "shipped", "000001 7 11\n000004\n000002 0\n")
+    monkeypatch.setattr(datasets, "IMAGESET_DIR", shipped)
+    out = tmp_path / "split.txt"
+    assert datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out),
+                          "--check"]) == 0
+    assert out.read_text() == "000001 11 14 7\n000004 19\n000002 0\n"
+    assert "wrote" in capsys.readouterr().err
+
+
+def test_check_fails_on_a_different_id(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(datasets.EXPECTED_SIZES, "voc2007", 3)
+    root = make_voc(tmp_path / "VOC2007", "2007", VOC_ANNOTATIONS)
+    shipped = make_shipped_voc(tmp_path / "shipped", "000001 11\n000002 0\n000004 19\n")
+    monkeypatch.setattr(datasets, "IMAGESET_DIR", shipped)
+    out = tmp_path / "split.txt"
+    assert datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out),
+                          "--check"]) == 1
+    shipped_file = shipped / "voc2007" / "test_cls.txt"
+    assert capsys.readouterr().err == (
+        f"error: check failed: {shipped_file}: the shipped split has 3 images, this one 3; "
+        'first different id at line 2: shipped "000002", here "000004"\n')
+    assert not out.exists()
+
+
+def test_check_fails_on_a_different_count(tmp_path, monkeypatch):
+    monkeypatch.setitem(datasets.EXPECTED_SIZES, "voc2007", 3)
+    root = make_voc(tmp_path / "VOC2007", "2007", VOC_ANNOTATIONS)
+    shipped = make_shipped_voc(tmp_path / "shipped", "000001\n000004\n000002\n000003\n")
+    out = tmp_path / "split.txt"
+    with pytest.raises(datasets.CheckError) as exc:
+        datasets.prepare("voc2007", root, out, check=True, imageset_dir=shipped)
+    assert str(exc.value) == (f"{shipped / 'voc2007' / 'test_cls.txt'}: the shipped split has 4 images, this one 3; "
+                              'first different id at line 4: shipped "000003", here (end of file)')
+    assert not out.exists()
+    # without --check nothing is compared
+    datasets.prepare("voc2007", root, out, imageset_dir=shipped)
+    assert out.read_text().count("\n") == 3
+
+
+def test_check_without_a_shipped_file_checks_the_count_only(tmp_path, monkeypatch):
+    monkeypatch.setitem(datasets.EXPECTED_SIZES, "voc2007", 3)
+    root = make_voc(tmp_path / "VOC2007", "2007", VOC_ANNOTATIONS)
+    messages = []
+    out = datasets.prepare("voc2007", root, tmp_path / "s.txt", check=True, imageset_dir=tmp_path / "none",
+                           log=messages.append)
+    assert out.read_text().startswith("000001 ")
+    assert messages[0] == f"no shipped split {tmp_path / 'none' / 'voc2007' / 'test_cls.txt'}: ids not compared"
+
+
+def test_check_uses_the_registry_file_names(tmp_path, monkeypatch):
+    monkeypatch.setitem(datasets.EXPECTED_SIZES, "coco2014", 3)
+    root = make_coco(tmp_path / "coco", "2014")
+    shipped = tmp_path / "shipped"
+    (shipped / "coco2014").mkdir(parents=True)
+    (shipped / "coco2014" / "val_cls.txt").write_text("COCO_val2014_000000000003 0\n")
+    with pytest.raises(datasets.CheckError, match=r"val_cls\.txt: the shipped split has 1 images, this one 3"):
+        datasets.prepare("coco2014", root, tmp_path / "v.txt", check=True, imageset_dir=shipped)
+    monkeypatch.chdir(tmp_path)
+    assert datasets.main(["prepare", "--dataset", "coco2014", "--root", str(root)]) == 0
+    assert (tmp_path / "imageset" / "coco2014" / "val_cls.txt").read_text().startswith("COCO_val2014_000000000003 ")
 
 
 def test_coco_malformed_entries(tmp_path):
