@@ -44,7 +44,7 @@ from bench_classify import IMAGE_WH, make_images  # noqa: E402
 
 import clip  # noqa: E402
 import clip.model as clip_model  # noqa: E402
-from clip_es.cli import cam_precision  # noqa: E402
+from clip.model import AttentionSchedule  # noqa: E402
 from clip_es.cams import (HIGHRES_DTYPE, Trunk, cam_path, encode_cam_text, encode_trunk, gradcam,  # noqa: E402
                           gradcam_per_target, image_text_rows, load_cam, refine_cams, save_cam, target_rows)
 from tagclip.images import load_model_input  # noqa: E402
@@ -77,8 +77,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8, help="number of images (default 8, as the reference timing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=tuple(clip.PRECISIONS), default=None,
-                   help="model weights (default: generate_cams.py's rule, fp16 on CUDA, fp32 elsewhere)")
+    p.add_argument("--precision", choices=tuple(clip.PRECISIONS), default="fp32",
+                   help="model weights (default fp32, generate_cams.py's default on every device)")
     p.add_argument("--reference_label_counts", action="store_true",
                    help="use the label counts of the authors' timing run instead of 2-3 per image")
     p.add_argument("--skip_plain", action="store_true",
@@ -99,13 +99,14 @@ def main() -> None:
                        check=True)
     ids = make_images(work / "JPEGImages", args.n, args.seed)
     device = torch.device(args.device)
-    precision = cam_precision(args.precision, device)
+    precision = args.precision
     print(f"precision {precision}")
     model = clip.load(str(ckpt), device=device, cache_dir=work / "model_cache",
                       dtype=clip.precision_dtype(precision))
     cfg = get_dataset(DATASET).cam
     labels = label_lists(args.n, len(cfg.class_names), args.seed, args.reference_label_counts)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    attention = AttentionSchedule.for_device(device)
 
     t0 = time.perf_counter()
     text = encode_cam_text(model, cfg)
@@ -114,10 +115,10 @@ def main() -> None:
     def one_image(i: int) -> tuple[float, float, float]:
         t_start = time.perf_counter()
         x, size_hw = load_model_input(work / "JPEGImages" / f"{ids[i]}.jpg")
-        trunk = encode_trunk(model, x, cfg.affinity_layers)
+        trunk = encode_trunk(model, x, cfg.affinity_layers, attention)
         sync()
         t_trunk = time.perf_counter()
-        grad = gradcam(model, trunk, image_text_rows(text, labels[i]), target_rows(labels[i]))
+        grad = gradcam(model, trunk, image_text_rows(text, labels[i]), target_rows(labels[i]), attention=attention)
         maps = refine_cams(model, trunk, grad, cfg, size_hw).astype(HIGHRES_DTYPE)
         sync()
         t_cam = time.perf_counter()

@@ -158,7 +158,7 @@ def main() -> None:
                                 device=device)
         sync()
         t0 = time.perf_counter()
-        model.visual(x, masks, need_weights=True)
+        model.visual(x, masks, need_weights=True, schedule=tagger.schedule.attention)
         sync()
         main_s = time.perf_counter() - t0
     # Like-for-like baseline on this machine: the same code run the plain way (one image and

@@ -300,6 +300,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def checkpoint_sha256(
+    name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, download: bool = True
+) -> str:
+    """SHA256 of the checkpoint a name or path resolves to (memoised), without reading it."""
+    return sha256_of_file(resolve_checkpoint(name_or_path, cache_dir=cache_dir, download=download), cache_dir)
+
+
 def load_checkpoint(
     name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, download: bool = True
 ) -> tuple[dict[str, torch.Tensor], str]:
@@ -321,6 +328,30 @@ def precision_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}") from None
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device a user named (None: CUDA where available, else the CPU), checked to
+    exist before any work starts: an unknown name, or a CUDA device this machine does not
+    have, is an :class:`InputError` naming it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(device, "not a torch device (examples: cpu, cuda, cuda:1)") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(device, "no CUDA device is available on this machine (use --device cpu)")
+        if chosen.index is not None and chosen.index >= count:
+            raise InputError(device, f"this machine has {count} CUDA device(s): cuda:0 .. cuda:{count - 1}")
+    elif chosen.type != "cpu":
+        try:
+            torch.empty(0, device=chosen)  # mps, xpu, ...: the device answers or it does not exist
+        except (RuntimeError, AssertionError) as err:
+            raise InputError(device, f"not available here ({_short(err)})") from None
+    return chosen
+
+
 def load(
     name_or_path: str | os.PathLike = "ViT-B/16", device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None, download: bool = True,
@@ -333,10 +364,14 @@ def load(
     """
     from .model import build_model  # local: keeps this module importable without the model
 
+    device = resolve_device(device)
     state, sha = load_checkpoint(name_or_path, cache_dir=cache_dir, download=download)
     try:
         model = build_model(state, dtype=dtype)
     except (ValueError, RuntimeError, KeyError, IndexError) as err:
         raise InputError(name_or_path, f"not a CLIP ViT checkpoint: {_short(err)}") from None
     model.checkpoint_sha256 = sha
-    return model.to(device)
+    try:
+        return model.to(device)
+    except RuntimeError as err:  # e.g. out of device memory
+        raise InputError(name_or_path, f"cannot move the model to {device}: {_short(err)}") from None

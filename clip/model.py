@@ -17,6 +17,7 @@ requested; the explicit path follows the reference's order of operations
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from typing import NamedTuple, Optional, Sequence
@@ -30,19 +31,39 @@ HEAD_WIDTH = 64
 # SPEC §2: QuickGELU constant.
 QUICK_GELU_ALPHA = 1.702
 # oneDNN's fp32 GEMM beats MKL's sgemm by 5-15 % on the AMD CPUs we measured (same math up to
-# summation order); used on CPU when no gradient flows through the layer.
+# summation order); every float32 CPU product of the model goes through it, with and without
+# gradients, so that no result depends on autograd state.
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # oneDNN copies a plain weight into its blocked layout on every call; modules keep the blocked
 # copy instead (4-8 % less time per product for ViT-B/16, bit-identical results; about one
 # more copy of the float32 weights in memory). The layout is chosen for this many input rows
 # (the main pass of a 500x375 image); every row count from 20 to 1576 ran as fast with it.
 _ONEDNN_PACK_ROWS = 769
+# Shape of the capability probe of weight packing (rows, input width, output width).
+_PACK_PROBE_SHAPE = (_ONEDNN_PACK_ROWS, 64, 48)
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN runs float32 products on the CPU (the kernel choice reads device and dtype only)."""
     return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and weight.dtype == torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def packing_supported() -> bool:
+    """Whether this build can keep weights in oneDNN's blocked layout: the reorder operator
+    exists and a product with a packed weight equals the plain oneDNN product to the bit."""
+    if not (_ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    rows, width, out = _PACK_PROBE_SHAPE
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, width, generator=g), torch.randn(out, width, generator=g)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, _ONEDNN_PACK_ROWS)
+        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+                           torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+    except RuntimeError:  # an operator this build registers but cannot run
+        return False
 
 
 def _packed(weight: torch.Tensor, cache: dict, slot: str) -> torch.Tensor:
@@ -50,21 +71,44 @@ def _packed(weight: torch.Tensor, cache: dict, slot: str) -> torch.Tensor:
     key = (weight.data_ptr(), weight._version, weight.shape, weight.stride())
     hit = cache.get(slot)
     if hit is None or hit[0] != key:
-        hit = (key, torch.ops.mkldnn._reorder_linear_weight(weight, _ONEDNN_PACK_ROWS))
+        with torch.no_grad():
+            hit = (key, torch.ops.mkldnn._reorder_linear_weight(weight, _ONEDNN_PACK_ROWS))
         cache[slot] = hit
     return hit[1]
 
 
+class _OneDNNLinear(torch.autograd.Function):
+    """x @ weightᵀ + bias through oneDNN (``kernel_weight``: the weight or its blocked copy);
+    the backward pass is the plain one, so the forward is the same with or without autograd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kernel_weight):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, kernel_weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        rows = grad.reshape(-1, grad.shape[-1])  # (..., out) -> (N, out)
+        grad_x = grad @ weight if need_x else None
+        grad_w = rows.t() @ x.reshape(-1, x.shape[-1]) if need_w else None  # (out, N) @ (N, in)
+        grad_b = rows.sum(dim=0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            cache: Optional[dict] = None, slot: str = "weight") -> torch.Tensor:
-    """``F.linear`` (x @ weightᵀ + bias), through oneDNN for float32 CPU inference; with a
+    """``F.linear`` (x @ weightᵀ + bias), through oneDNN for float32 on the CPU; with a
     ``cache`` dict the weight's blocked copy is kept there under ``slot``."""
     if _onednn_applies(x, weight):
+        # Inference-mode tensors have no version counter to notice in-place changes with.
+        packable = cache is not None and not weight.is_inference() and packing_supported()
+        kernel_weight = _packed(weight, cache, slot) if packable else weight
         try:
-            # Inference-mode tensors have no version counter to notice in-place changes with.
-            w = _packed(weight, cache, slot) if cache is not None and not weight.is_inference() else weight
-            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-        except RuntimeError:  # an unsupported layout or build: the portable path
+            return _OneDNNLinear.apply(x, weight, bias, kernel_weight)
+        except RuntimeError:  # a layout this build's oneDNN does not take: the portable path
             pass
     return F.linear(x, weight, bias)
 
@@ -117,6 +161,35 @@ class QuickGELU(nn.Module):
         return gate.mul_(x) if not torch.is_grad_enabled() else x * gate
 
 
+class AttentionSchedule(NamedTuple):
+    """How the explicit attention path (the one that returns maps) is cut into steps.
+
+    Every schedule computes the same products per image and head, and the head average
+    always sums the heads one after another, so only speed and memory differ: outputs and
+    maps are bit-equal at CLIP's sizes (measured at 197 and 769 tokens); for tiny matrices a
+    BLAS may round a batched product apart from single ones (tests allow 1e-6 there). A CPU is fastest with one image and one head at a time, where one score
+    block stays in cache (ViT-B/16 at 769 tokens: as fast on plain blocks, half the time on
+    the main pass's self-only block, whose softmax is nearly all tiny values); a GPU with
+    everything at once. :meth:`for_device` is that rule; pass another schedule to override it.
+    """
+    images: Optional[int] = None  # images per step; None: the whole batch
+    heads: Optional[int] = None   # heads per step; None: all heads
+
+    @classmethod
+    def for_device(cls, device) -> "AttentionSchedule":
+        return CPU_ATTENTION if torch.device(device).type == "cpu" else ALL_AT_ONCE
+
+
+ALL_AT_ONCE = AttentionSchedule()
+CPU_ATTENTION = AttentionSchedule(images=1, heads=1)
+
+
+def _steps(n: int, size: Optional[int]) -> list[slice]:
+    """``size`` items at a time (None: all), as slices of range(n)."""
+    size = size or n or 1
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
 class AttentionParts(NamedTuple):
     """Intermediates of one unmasked explicit attention pass (:meth:`Attention.parts`), the
     values an analytic backward pass reads."""
@@ -132,12 +205,14 @@ class AttentionParts(NamedTuple):
 class Attention(PackedWeights, nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names.
 
-    ``forward(x, attn_mask, need_weights, n_queries)``:
+    ``forward(x, attn_mask, need_weights, is_causal, n_queries, schedule)``:
       x:          (B, L, D)
       attn_mask:  additive float mask broadcastable to (B, heads, Lq, L), or None
       need_weights: also return softmax(q kᵀ / √d) WITHOUT the mask, averaged over heads
+                  (the explicit path; otherwise fused SDPA)
       n_queries:  compute outputs for the first ``n_queries`` tokens only (keys/values
                   still come from all L tokens); None means all
+      schedule:   how the explicit path is cut into steps (:class:`AttentionSchedule`)
     returns (out (B, Lq, D), weights (B, Lq, L) or None)
     """
 
@@ -169,11 +244,11 @@ class Attention(PackedWeights, nn.Module):
         return t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)  # (B, heads, n, d/heads)
 
     @staticmethod
-    def _mask_rows(mask: Optional[torch.Tensor], start: int, step: int):
-        """The part of a mask broadcastable to (B, heads, Lq, L) that belongs to samples start..start+step."""
+    def _mask_rows(mask: Optional[torch.Tensor], rows: slice):
+        """The part of a mask broadcastable to (B, heads, Lq, L) that belongs to samples ``rows``."""
         if mask is None or mask.dim() < 4 or mask.shape[0] == 1:
             return mask
-        return mask[start:start + step]
+        return mask[rows]
 
     @staticmethod
     def _mask_heads(mask: Optional[torch.Tensor], heads: slice):
@@ -204,59 +279,50 @@ class Attention(PackedWeights, nn.Module):
             probs = weights.to(scores.dtype) if low else weights
         return probs @ v, weights
 
-    def _explicit(self, q, k, v, mask, is_causal, keep_probs: Optional[torch.Tensor] = None):
-        """(b, heads, Lq, d) -> (output (b, Lq, heads, d), head-averaged map (b, Lq, L)).
-
-        On a CPU the heads run one at a time: one (Lq, L) score block stays in cache while
-        it is scored, normalised and applied, where all heads' blocks do not (the same
-        products; ViT-B/16 at 769 tokens: as fast on plain blocks, half the time on the main
-        pass's self-only block, whose softmax is nearly all tiny values). The map is the
-        heads' sum / heads, as the reference. ``keep_probs`` (b, heads, Lq, L), if given, receives the
-        unmasked softmax of every head in the model's dtype.
+    def _explicit(self, q, k, v, mask, is_causal, heads_per_step: Optional[int],
+                  keep_probs: Optional[torch.Tensor] = None):
+        """(b, heads, Lq, d) -> (output (b, Lq, heads, d), head-averaged map (b, Lq, L)),
+        ``heads_per_step`` heads at a time (None: all). The map is the heads' sum / heads, as
+        the reference, summed head after head whatever the step. ``keep_probs`` (b, heads,
+        Lq, L), if given, receives the unmasked softmax of every head in the model's dtype.
         """
         b, heads, n_q, d = q.shape
-        step = 1 if q.device.type == "cpu" else heads
         out = q.new_empty(b, n_q, heads, d)
         total = None
-        for h in range(0, heads, step):
-            group = slice(h, h + step)
+        for group in _steps(heads, heads_per_step):
             o, w = self._explicit_heads(q[:, group], k[:, group], v[:, group],
                                         self._mask_heads(mask, group), is_causal)
             out[:, :, group] = o.transpose(1, 2)  # (b, h, Lq, d) -> (b, Lq, h, d)
             if keep_probs is not None:
                 keep_probs[:, group] = w
-            w = w[:, 0] if w.shape[1] == 1 else w.sum(dim=1)
-            if total is None:
-                total = w
-            elif total.requires_grad or w.requires_grad:  # head 0's map may be saved for backward
-                total = total + w
-            else:
-                total.add_(w)
+            for j in range(w.shape[1]):
+                if total is None:
+                    total = w[:, j]  # a view: w is not read again once o is computed
+                elif total.requires_grad or w.requires_grad:  # keep the graph of every head's map
+                    total = total + w[:, j]
+                else:
+                    total.add_(w[:, j])
         return out, total / heads
 
-    def parts(self, x: torch.Tensor) -> AttentionParts:
+    def parts(self, x: torch.Tensor, schedule: AttentionSchedule = ALL_AT_ONCE) -> AttentionParts:
         """Unmasked attention over (B, L, D) tokens with every intermediate kept; ``out`` and
-        ``weights`` equal ``forward(x, need_weights=True)``'s for one image (same operations,
-        same order)."""
+        ``weights`` equal ``forward(x, need_weights=True)``'s (same operations, same order)."""
         b, n, width = x.shape
         q, k, v = self._explicit_inputs(x, None)
         probs = q.new_empty(b, self.heads, n, n)
-        heads, weights = self._explicit(q, k, v, None, False, keep_probs=probs)  # (B, L, heads, d)
+        heads, weights = self._explicit(q, k, v, None, False, schedule.heads, keep_probs=probs)  # (B, L, heads, d)
         out = self.out_proj(heads.reshape(b, n, width))  # (B, L, heads, d) -> (B, L, D)
         return AttentionParts(q, k, v, probs, heads.transpose(1, 2), out, weights)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 need_weights: bool = False, is_causal: bool = False,
-                n_queries: Optional[int] = None):
+                n_queries: Optional[int] = None, schedule: AttentionSchedule = ALL_AT_ONCE):
         b = x.shape[0]
         if need_weights:
             q, k, v = self._explicit_inputs(x, n_queries)
-            # On a CPU the (heads, L, L) score block of one image stays in cache; a whole batch
-            # of them does not, and costs twice as much per image. GPUs take the batch at once.
-            step = 1 if x.device.type == "cpu" else b
-            parts = [self._explicit(q[i:i + step], k[i:i + step], v[i:i + step],
-                                    self._mask_rows(attn_mask, i, step), is_causal)
-                     for i in range(0, b, step)]
+            parts = [self._explicit(q[rows], k[rows], v[rows], self._mask_rows(attn_mask, rows),
+                                    is_causal, schedule.heads)
+                     for rows in _steps(b, schedule.images)]
             out = torch.cat([o for o, _ in parts]) if len(parts) > 1 else parts[0][0]  # (B, Lq, heads, d)
             avg = torch.cat([w for _, w in parts]) if len(parts) > 1 else parts[0][1]
         else:
@@ -283,9 +349,9 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 need_weights: bool = False, is_causal: bool = False,
-                n_queries: Optional[int] = None):
+                n_queries: Optional[int] = None, schedule: AttentionSchedule = ALL_AT_ONCE):
         """(B, L, D) -> ((B, Lq, D), weights (B, Lq, L) or None); Lq = n_queries or L."""
-        a, weights = self.attn(self.ln_1(x), attn_mask, need_weights, is_causal, n_queries)
+        a, weights = self.attn(self.ln_1(x), attn_mask, need_weights, is_causal, n_queries, schedule)
         x = x[:, :n_queries] + a if n_queries is not None else x + a
         x = x + self.mlp(self.ln_2(x))
         return x, weights
@@ -305,11 +371,13 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
                 need_weights: bool = False, is_causal: bool = False,
-                last_block_queries: Optional[int] = None) -> TransformerOutput:
+                last_block_queries: Optional[int] = None,
+                schedule: AttentionSchedule = ALL_AT_ONCE) -> TransformerOutput:
         """Run every block. ``attn_masks[i]`` is block i's additive mask (or None).
 
         ``last_block_queries=n`` computes the last block for the first n tokens only (the
         crop pass of TagCLIP reads nothing but the class token of the last block).
+        ``schedule`` splits the map-returning attention (results do not depend on it).
         """
         if attn_masks is not None and len(attn_masks) != self.layers:
             raise ValueError(f"expected {self.layers} attention masks, got {len(attn_masks)}")
@@ -319,7 +387,7 @@ class Transformer(nn.Module):
             n_q = last_block_queries if i == self.layers - 1 else None
             if n_q is not None and mask is not None:
                 mask = mask[..., :n_q, :]
-            x, w = block(x, mask, need_weights, is_causal, n_q)
+            x, w = block(x, mask, need_weights, is_causal, n_q, schedule)
             if need_weights:
                 maps.append(w)
         return TransformerOutput(x, tuple(maps))
@@ -397,12 +465,13 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor,
                 attn_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
                 need_weights: bool = False, cls_only: bool = False,
-                always_resize_pos: bool = False, round_pos_fp16: bool = True) -> VisionOutput:
+                always_resize_pos: bool = False, round_pos_fp16: bool = True,
+                schedule: AttentionSchedule = ALL_AT_ONCE) -> VisionOutput:
         """Encode images; ``cls_only`` returns just the class token (B, 1, E) and skips the
-        last block's work for the patch tokens."""
+        last block's work for the patch tokens; ``schedule``: see :class:`AttentionSchedule`."""
         x = self.embed(images, always_resize_pos, round_pos_fp16)
         out = self.transformer(x, attn_masks, need_weights,
-                               last_block_queries=1 if cls_only else None)
+                               last_block_queries=1 if cls_only else None, schedule=schedule)
         return VisionOutput(self.project(out.tokens), out.attentions)
 
 

@@ -19,10 +19,13 @@ Per image, with the labels of one label-file line:
 3. :func:`transition_matrix` — the affinity (mean of the maps of ``CamConfig.affinity_layers``,
    patch×patch) normalised by columns then rows, twice more, symmetrised and squared.
 4. :func:`refine` — per label, boxes of its cam (``scoremap2bbox``, all contours); the
-   transition matrix with source columns outside the boxes zeroed times the cam; all labels
-   in one matrix product: ``T @ (B ⊙ cam)`` equals ``(T ⊙ B_row) @ cam``.
+   transition matrix with source columns outside the boxes zeroed times the cam, as
+   ``T @ (B ⊙ cam)`` (equal to ``(T ⊙ B_row) @ cam``).
 5. :func:`highres` — min–max scaling and ``cv2.resize`` (bilinear) to the original image
    size; stored as float16.
+
+Steps 3–5 treat every label on its own (one product and one resize per label), so a label's
+map from its Grad-CAM on depends on nothing else the image holds, to the last bit.
 
 A CAM file ``{id}.npy`` is what the reference's ``np.save`` wrote: a pickled dict
 ``{"keys": int64 (K,), "attn_highres": float16 (K, H, W)}`` (:func:`save_cam`,
@@ -48,7 +51,7 @@ import numpy as np
 import torch
 
 from clip import CLIP
-from clip.model import QUICK_GELU_ALPHA, AttentionParts, linear
+from clip.model import ALL_AT_ONCE, QUICK_GELU_ALPHA, AttentionParts, AttentionSchedule, linear
 from tagclip.boxes import CAM_CONTOURS, box_union, scoremap2bbox
 from tagclip.errors import InputError
 from tagclip.labels import atomic_writer
@@ -73,8 +76,6 @@ KEYS_DTYPE = np.int64
 HIGHRES_DTYPE = np.float16
 CAM_FILE_SUFFIX = ".npy"
 CAM_KEYS = ("keys", "attn_highres")
-# cv2.resize handles at most this many channels per call (OpenCV's CV_CN_MAX).
-CV2_MAX_CHANNELS = 512
 # Pickle globals a CAM file may name: numpy's array reconstruction only.
 _SAFE_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -121,11 +122,13 @@ class Trunk(NamedTuple):
 
 
 @torch.no_grad()
-def encode_trunk(model: CLIP, image: torch.Tensor, affinity_layers: Sequence[int]) -> Trunk:
+def encode_trunk(model: CLIP, image: torch.Tensor, affinity_layers: Sequence[int],
+                 attention: AttentionSchedule = ALL_AT_ONCE) -> Trunk:
     """Blocks 0 .. n−2 (plain attention, no gradients) on one (3, h, w) input.
 
-    Maps are computed only for the blocks in ``affinity_layers``; the others run the fused
-    attention (same outputs up to float rounding).
+    Maps are computed only for the blocks in ``affinity_layers`` (their attention cut into
+    steps by ``attention``); the others run the fused attention (same outputs up to float
+    rounding).
     """
     visual = model.visual
     x = image[None].to(device=visual.conv1.weight.device)
@@ -135,7 +138,7 @@ def encode_trunk(model: CLIP, image: torch.Tensor, affinity_layers: Sequence[int
     affinity = torch.zeros(n_patches, n_patches, dtype=torch.float32, device=tokens.device)
     wanted = set(affinity_layers)
     for i, block in enumerate(visual.transformer.resblocks[:-1]):
-        tokens, weights = block(tokens, None, need_weights=i in wanted)
+        tokens, weights = block(tokens, None, need_weights=i in wanted, schedule=attention)
         if weights is not None:
             affinity += weights[0, 1:, 1:].float()
     return Trunk(tokens, affinity, grid)
@@ -238,7 +241,8 @@ def _layer_norm_stats(ln: torch.nn.LayerNorm, x: torch.Tensor):
 
 
 @torch.no_grad()
-def last_block_forward(model: CLIP, tokens: torch.Tensor) -> LastBlockForward:
+def last_block_forward(model: CLIP, tokens: torch.Tensor,
+                       attention: AttentionSchedule = ALL_AT_ONCE) -> LastBlockForward:
     """Block 11 (plain attention) on the trunk's (1, L, width) tokens, every intermediate kept.
 
     Same operations as :func:`last_block_probabilities` (the model's modules, its dtype for the
@@ -247,7 +251,7 @@ def last_block_forward(model: CLIP, tokens: torch.Tensor) -> LastBlockForward:
     block = visual.transformer.resblocks[-1]
     dtype = tokens.dtype
     activation = block.ln_1(tokens)
-    attn = block.attn.parts(activation)
+    attn = block.attn.parts(activation, attention)
     mid = tokens + attn.out                                   # (1, L, width)
     normed, ln_2 = _layer_norm_stats(block.ln_2, mid)
     hidden = block.mlp.c_fc(normed.to(dtype))
@@ -358,7 +362,7 @@ def _target_weights(model: CLIP, fwd: LastBlockForward, cotangents: torch.Tensor
 
 
 def gradcam(model: CLIP, trunk: Trunk, rows: torch.Tensor, targets: Sequence[int],
-            max_batch: Optional[int] = None) -> GradCamOutput:
+            max_batch: Optional[int] = None, attention: AttentionSchedule = ALL_AT_ONCE) -> GradCamOutput:
     """Grad-CAMs of the probabilities ``targets`` (row indices) from ONE forward pass of the
     last block and one batched, written-out backward pass (:func:`gradcam_weights`).
 
@@ -366,7 +370,7 @@ def gradcam(model: CLIP, trunk: Trunk, rows: torch.Tensor, targets: Sequence[int
     (default: as many as GRADCAM_CHUNK_ELEMENTS allows). :func:`gradcam_per_target` is the
     reference's schedule (a forward and an autograd backward pass per label), for tests.
     """
-    fwd = last_block_forward(model, trunk.tokens.detach())
+    fwd = last_block_forward(model, trunk.tokens.detach(), attention)
     targets = [int(t) for t in targets]
     probs, cotangents = _probability_gradients(model, fwd.pooled, rows, targets)
     weights = gradcam_weights(model, fwd, cotangents, max_batch)
@@ -428,29 +432,34 @@ def box_masks(cams: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def refine(transition: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """refined_k = (T with source columns outside box_k zeroed) @ cam_k, all k at once.
+    """refined_k = (T with source columns outside box_k zeroed) @ cam_k, one class at a time.
 
     (P, P), (K, gh, gw), (K, gh, gw) -> (K, gh, gw); ``T @ (B_k ⊙ cam_k)`` is the same sum
-    as ``(T ⊙ B_k as a row) @ cam_k`` (B is 0/1).
+    as ``(T ⊙ B_k as a row) @ cam_k`` (B is 0/1). Each class is its own matrix-vector
+    product, as in the reference: one product over all K columns would let a class's last
+    bits depend on how many other labels the image has (SPEC §5 treats classes apart). Each
+    source vector is its own allocation: BLAS matrix-vector kernels round differently for a
+    vector that starts mid-buffer (measured with MKL: 1 ulp).
     """
     k, gh, gw = cams.shape
-    sources = (masks * cams).reshape(k, gh * gw).t()  # (P, K)
-    return (transition @ sources).t().reshape(k, gh, gw)
+    if not k:
+        return cams.new_zeros(0, gh, gw)
+    refined = [transition @ (masks[i] * cams[i]).reshape(gh * gw) for i in range(k)]  # K x (P,)
+    return torch.stack(refined).reshape(k, gh, gw)  # (K, P) -> (K, gh, gw)
 
 
 def highres(refined: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """(K, gh, gw) -> (K, H, W) float32: scale_cam_image with cv2.resize (bilinear) to (W, H)."""
+    """(K, gh, gw) -> (K, H, W) float32: scale_cam_image, then ``cv2.resize`` (bilinear) to (W, H),
+    one class at a time as the reference did. A single multi-channel resize is not bit-equal
+    to per-channel ones on every OpenCV release (5.0 differs for K >= 2), which would make a
+    class's map depend on the image's other labels."""
     h, w = size_hw
-    scaled = refined - refined.min(axis=(1, 2), keepdims=True)
-    scaled = (scaled / (scaled.max(axis=(1, 2), keepdims=True) + np.float32(SCALE_EPS))).astype(np.float32)
-    out = np.empty((scaled.shape[0], h, w), dtype=np.float32)
-    for start in range(0, scaled.shape[0], CV2_MAX_CHANNELS):
-        part = scaled[start:start + CV2_MAX_CHANNELS]
-        resized = cv2.resize(np.ascontiguousarray(part.transpose(1, 2, 0)), (w, h),
-                             interpolation=cv2.INTER_LINEAR)
-        out[start:start + part.shape[0]] = resized.reshape(h, w, -1).transpose(2, 0, 1)
+    out = np.empty((refined.shape[0], h, w), dtype=np.float32)
+    for k, cam in enumerate(refined):
+        scaled = cam - cam.min()
+        scaled = (scaled / (scaled.max() + np.float32(SCALE_EPS))).astype(np.float32)
+        out[k] = cv2.resize(scaled, (w, h), interpolation=cv2.INTER_LINEAR)
     return out
-
 
 # ----------------------------------------------------------------------------- one image
 
@@ -475,11 +484,14 @@ def refine_cams(model: CLIP, trunk: Trunk, grad: GradCamOutput, cfg: CamConfig,
 
 
 def compute_cams(model: CLIP, image: torch.Tensor, labels: Sequence[int], text: CamText,
-                 cfg: CamConfig, size_hw: tuple[int, int]) -> CamResult:
-    """CLIP-ES CAMs of one image: (3, h, w) model input, its labels, the original (H, W)."""
-    trunk = encode_trunk(model, image, cfg.affinity_layers)
+                 cfg: CamConfig, size_hw: tuple[int, int],
+                 attention: AttentionSchedule = ALL_AT_ONCE) -> CamResult:
+    """CLIP-ES CAMs of one image: (3, h, w) model input, its labels, the original (H, W).
+    ``attention`` cuts the map-returning attention into steps (results do not depend on it;
+    ``AttentionSchedule.for_device`` is the commands' rule)."""
+    trunk = encode_trunk(model, image, cfg.affinity_layers, attention)
     rows = image_text_rows(text, labels)
-    grad = gradcam(model, trunk, rows, target_rows(labels))
+    grad = gradcam(model, trunk, rows, target_rows(labels), attention=attention)
     highres_maps = refine_cams(model, trunk, grad, cfg, size_hw)
     keys = np.asarray([int(c) for c in labels], dtype=KEYS_DTYPE)
     return CamResult(keys, highres_maps.astype(HIGHRES_DTYPE), grad.cams, grad.probs, grad.attn_last)

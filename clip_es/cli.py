@@ -5,9 +5,14 @@ per dataset and guessed nothing else, quirk Q9). It takes the reference's flags 
 the reference's CAM files, so the reference's evaluation reads them unchanged.
 
 Bad input ends the run with one ``error: <file>: <problem>`` line and exit status 2; with
-``--on_error skip`` unreadable images are listed at the end and the exit status is 1. A
-rerun skips every image whose CAM file already exists, loads, and holds the same labels
-(``--overwrite`` redoes them).
+``--on_error skip`` unreadable images are listed at the end and the exit status is 1.
+
+Resume: the CAM folder keeps a journal (``.generate_cams*.journal``) keyed by everything that
+changes a CAM (checkpoint SHA256, precision, the dataset's CAM settings, ``--max_side``, the
+device type, the image folder). A rerun keeps an image's CAM file only if the journal of the
+same key lists it for the same labels, the image file is unchanged and the CAM file is still
+the one written; every other image is redone (``--overwrite`` redoes all). So a run in
+another precision, or with another checkpoint, into the same folder rewrites the CAMs.
 """
 from __future__ import annotations
 
@@ -20,14 +25,18 @@ from typing import Optional, Sequence
 from tqdm import tqdm
 from PIL import Image
 
+from clip.loading import checkpoint_sha256
+from clip.model import AttentionSchedule
 from tagclip import distributed
-from tagclip.cli import PRECISION_CHOICES, report_failures, SPLIT_IMAGE_EXT, default_device, guarded
+from tagclip.cli import (DEFAULT_PRECISION, PRECISION_CHOICES, SPLIT_IMAGE_EXT, guarded, load_model, max_side_value,
+                         report_failures)
 from tagclip.errors import InputError
 from tagclip.images import DEFAULT_MAX_SIDE, load_model_input
+from tagclip.journal import CamJournal, file_stamp, run_key
 from tagclip.labels import SplitEntry, read_split
 from tagclip.registry import get_dataset
 
-from .cams import cam_path, compute_cams, encode_cam_text, load_cam, save_cam
+from .cams import CAM_TEMPLATE, cam_path, compute_cams, encode_cam_text, load_cam, save_cam
 
 # SPEC §5 / §8: datasets of the CAM stage.
 CAM_DATASETS = ("voc2012", "coco2017", "cocostuff")
@@ -39,8 +48,8 @@ def generate_cams_parser() -> argparse.ArgumentParser:
         prog="generate_cams.py",
         description="CLIP-ES CAMs from a label file (SPEC §5): one {cam_out_dir}/{id}.npy per image, "
                     "a dict {'keys': class ids, 'attn_highres': float16 K x H x W} at the image's own size "
-                    "(an id without labels gets K = 0). The model runs as the reference's did: float16 on "
-                    "CUDA, float32 elsewhere (--precision overrides).")
+                    "(an id without labels gets K = 0). The model runs in float32 on every device "
+                    "(--precision changes that).")
     p.add_argument("--dataset", required=True, choices=CAM_DATASETS,
                    help="vocabulary (CAM-stage class names), background words, affinity blocks and box "
                         "threshold of a paper dataset")
@@ -54,15 +63,16 @@ def generate_cams_parser() -> argparse.ArgumentParser:
                    help="OpenAI model name (downloaded to the cache, SHA256 checked) or a checkpoint file "
                         "(TorchScript archive, state dict or .npz); default %(default)s")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
-                   help="model weights in float32, float16 or bfloat16 (default: fp16 on CUDA, fp32 elsewhere, "
-                        "as the reference); Grad-CAM runs in this dtype, the gradients, CAMs, affinity and "
-                        "refinement in float32")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
+                   help="model weights in float32 (default, on every device), float16 or bfloat16; Grad-CAM "
+                        "runs in this dtype, the gradients, CAMs, affinity and refinement in float32 "
+                        "(README 'Precision': what each mode changes, and by how much)")
     p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
                    help="on an unreadable image: stop at once (default) or skip it and report at the end")
     p.add_argument("--overwrite", action="store_true",
-                   help="recompute images whose CAM file already exists (default: keep valid ones)")
-    p.add_argument("--max_side", type=int, default=DEFAULT_MAX_SIDE,
+                   help="recompute every image (default: keep the CAM files an earlier run with the same "
+                        "settings wrote for the same labels)")
+    p.add_argument("--max_side", type=max_side_value, default=DEFAULT_MAX_SIDE,
                    help="downscale larger images to this longest side before the model (default %(default)s: "
                         "leaves every VOC/COCO image untouched); CAMs are still written at the file's size")
     p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
@@ -70,15 +80,6 @@ def generate_cams_parser() -> argparse.ArgumentParser:
                    help="also draw one heat-map overlay per labelled class into this folder: "
                         "{id}_{classname}.png (default: none)")
     return p
-
-
-def cam_precision(precision: Optional[str], device) -> str:
-    """``--precision``, or the reference's rule when it is not given: fp16 on CUDA, fp32 elsewhere."""
-    if precision:
-        return precision
-    import torch
-
-    return "fp16" if torch.device(device).type == "cuda" else "fp32"
 
 
 def read_label_file(path, dataset: str, num_classes: int) -> list[SplitEntry]:
@@ -90,17 +91,6 @@ def read_label_file(path, dataset: str, num_classes: int) -> list[SplitEntry]:
             raise InputError(err.path, f"{err.problem} (COCO-Stuff label ids are the 171 class "
                                        f"indices; convert a 182-index split file first)") from None
         raise
-
-
-def is_done(path: Path, labels: Sequence[int]) -> bool:
-    """A CAM file that exists, loads and holds exactly these labels."""
-    if not path.is_file():
-        return False
-    try:
-        keys, _ = load_cam(path)
-    except InputError:
-        return False
-    return keys.tolist() == [int(c) for c in labels]
 
 
 def file_size_hw(path: Path, loaded_hw: tuple[int, int], max_side: Optional[int]) -> tuple[int, int]:
@@ -124,11 +114,6 @@ def _load(path: Path, max_side: Optional[int]):
         return err
 
 
-def _check_max_side(value: Optional[int]) -> None:
-    if value is not None and value < 16:
-        raise InputError("--max_side", f"must be at least 16, got {value}")
-
-
 def draw_overlays(vis_dir, entries: Sequence[SplitEntry], img_root: Path, cam_dir: Path,
                   class_names: Sequence[str]) -> None:
     """``--vis_dir``: heat-map overlays of every labelled class, read back from the CAM files
@@ -147,10 +132,24 @@ def run_generate_cams(args) -> int:
     return distributed.sharded(_run_generate_cams, args, args.device)
 
 
+JOURNAL_STEM = ".generate_cams"
+JOURNAL_SUFFIX = ".journal"
+
+
+def _cam_journal(out_dir: Path, key: str, shard: distributed.Shard) -> tuple[CamJournal, dict]:
+    """This rank's journal and the records of every journal of the same key in the folder
+    (so a run keeps what runs with another number of processes wrote)."""
+    rank_tag = "" if shard.world == 1 else f".rank{shard.rank}of{shard.world}"
+    journal = CamJournal(out_dir / f"{JOURNAL_STEM}{rank_tag}{JOURNAL_SUFFIX}", key)
+    done: dict = {}
+    for path in sorted(out_dir.glob(f"{JOURNAL_STEM}*{JOURNAL_SUFFIX}")):
+        done.update(journal.load(path))
+    return journal, done
+
+
 def _run_generate_cams(args, shard: distributed.Shard) -> int:
     """Under torchrun every rank writes the CAM files of its share of the images (image j
     goes to rank j mod K); a rank's failures are reported by that rank."""
-    _check_max_side(args.max_side)
     dataset = get_dataset(args.dataset)
     cfg = dataset.cam
     entries = read_label_file(args.split_file, args.dataset, len(cfg.class_names))
@@ -160,49 +159,58 @@ def _run_generate_cams(args, shard: distributed.Shard) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(out_dir, f"cannot create output folder ({err.strerror or err})") from None
-    device = distributed.device_for(shard, args.device) or default_device()
-    precision = cam_precision(getattr(args, "precision", None), device)
+    device = shard.device
     print(device)
     print(f">>>>generating {args.split_file}")
     print("image cnt:", len(entries))
 
-    todo: list[SplitEntry] = [e for e in entries
-                              if args.overwrite or not is_done(cam_path(out_dir, e.id), e.labels)]
-    if len(todo) < len(entries):
-        print(f"resuming: {len(entries) - len(todo)} CAM file(s) already in {out_dir}")
+    root = Path(args.img_root)
+    key = run_key(checkpoint=checkpoint_sha256(args.model, args.model_cache), precision=args.precision, cam=cfg,
+                  template=CAM_TEMPLATE, max_side=args.max_side, device=device.type, root=str(root.resolve()))
+    journal, done = _cam_journal(out_dir, key, shard)
+    paths = {e.id: root / f"{e.id}{SPLIT_IMAGE_EXT}" for e in entries}
+    kept = {} if args.overwrite else {
+        e.id: done[e.id] for e in entries
+        if e.id in done and done[e.id][0] == file_stamp(paths[e.id])
+        and done[e.id][1] == (file_stamp(cam_path(out_dir, e.id)), tuple(e.labels))}
+    journal.start(kept)
+    if shard.world == 1:  # one process: this journal now holds every record worth keeping
+        for other in out_dir.glob(f"{JOURNAL_STEM}.rank*{JOURNAL_SUFFIX}"):
+            other.unlink(missing_ok=True)
+    todo = [e for e in entries if e.id not in kept]
+    if kept:
+        print(f"resuming: {len(kept)} CAM file(s) already in {out_dir}")
     failures: list[InputError] = []
+    written: set[str] = set()
     if todo:
-        import clip  # deferred: model code only when there is work
-
-        try:
-            model = clip.load(args.model, device=device, dtype=clip.precision_dtype(precision),
-                              cache_dir=args.model_cache)
-        except RuntimeError as err:  # e.g. an unavailable CUDA device
-            raise InputError(args.model, f"cannot load on device {device!r}: {err}") from None
+        model = load_model(args.model, device, args.precision, args.model_cache)
         text = encode_cam_text(model, cfg)
-        root = Path(args.img_root)
-        paths = [root / f"{e.id}{SPLIT_IMAGE_EXT}" for e in todo]
+        attention = AttentionSchedule.for_device(device)
         with ThreadPoolExecutor(max_workers=1) as pool, \
                 tqdm(total=len(entries), initial=len(entries) - len(todo), unit="img", desc="cams",
                      file=sys.stderr) as bar:
-            pending = pool.submit(_load, paths[0], args.max_side)
+            pending = pool.submit(_load, paths[todo[0].id], args.max_side)
             for i, entry in enumerate(todo):
                 loaded = pending.result()
                 if i + 1 < len(todo):  # decode the next image while this one runs
-                    pending = pool.submit(_load, paths[i + 1], args.max_side)
+                    pending = pool.submit(_load, paths[todo[i + 1].id], args.max_side)
                 if isinstance(loaded, InputError):
                     if args.on_error == "stop":
                         raise loaded
                     failures.append(loaded)
                 else:
                     image, size_hw = loaded
-                    result = compute_cams(model, image, entry.labels, text, cfg, size_hw)
-                    save_cam(cam_path(out_dir, entry.id), result.keys, result.attn_highres)
+                    result = compute_cams(model, image, entry.labels, text, cfg, size_hw, attention)
+                    target = cam_path(out_dir, entry.id)
+                    save_cam(target, result.keys, result.attn_highres)
+                    journal.append([entry.id], [file_stamp(paths[entry.id])],
+                                   [(file_stamp(target), tuple(entry.labels))])
+                    written.add(entry.id)
                 bar.update(1)
     if getattr(args, "vis_dir", None):
-        # failed images have no valid CAM file for their labels and get no picture
-        done = [e for e in entries if is_done(cam_path(out_dir, e.id), e.labels)]
-        draw_overlays(args.vis_dir, done, Path(args.img_root), out_dir, dataset.class_names)
+        # failed images have no CAM file of this run and get no picture
+        finished = [e for e in entries if e.id in kept or e.id in written]
+        draw_overlays(args.vis_dir, finished, root, out_dir, dataset.class_names)
     return report_failures(failures)
 
 

@@ -21,9 +21,9 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from tagclip import distributed
-from tagclip.cli import guarded, report_failures
+from tagclip.cli import guarded, positive_int, report_failures
 from tagclip.errors import InputError
-from tagclip.journal import HistJournal, file_stamp, run_key
+from tagclip.journal import RESUME_DIR, HistJournal, cache_dir, file_stamp, run_key
 from tagclip.registry import EVAL_CONFIGS, EvalConfig, get_eval_config
 
 from .cams import cam_path
@@ -44,16 +44,6 @@ def _finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
@@ -105,7 +95,7 @@ def eval_crf_parser() -> argparse.ArgumentParser:
                    help="evaluate only; write no pseudo masks")
     p.add_argument("--cam_eval_thres", type=_finite_float, default=DEFAULT_CAM_EVAL_THRES,
                    help="accepted for compatibility and ignored: the CRF always uses (1 - max)^1")
-    p.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1,
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
                    help="worker processes (default: the number of CPUs)")
     return p
 
@@ -351,13 +341,13 @@ def run_eval_crf(args) -> int:
 
 def _crf_journal(args, config: EvalConfig, mask_dir, shard: distributed.Shard) -> HistJournal:
     """Per-image confusion matrices of this run (resume after an interruption). It lives in the
-    pseudo-mask folder, or in the current folder for --eval_only runs."""
+    pseudo-mask folder, or for --eval_only runs (no output folder) in the cache's resume folder."""
     key = run_key(dataset=config.name, cams=str(Path(args.cam_out_dir).resolve()),
                   gt=args.gt_root and str(Path(args.gt_root).resolve()),
                   images=str(Path(args.image_root).resolve()), split=str(Path(args.split_file).resolve()),
                   masks=mask_dir and str(Path(mask_dir).resolve()), threshold=args.confidence_threshold)
     rank_tag = "" if shard.world == 1 else f".rank{shard.rank}of{shard.world}"
-    folder = Path(mask_dir) if mask_dir is not None else Path(".")
+    folder = Path(mask_dir) if mask_dir is not None else cache_dir() / RESUME_DIR
     return HistJournal(folder / f".eval_cam_with_crf.{key[:12]}{rank_tag}.journal", key, config.num_classes)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,18 +24,36 @@ from .labels import SplitEntry, label_file_lines, label_file_name, labels_to_one
     write_scores, write_text_atomic
 from .metrics import f1_overall, format_metrics, mean_average_precision
 from .registry import DATASETS, get_dataset
-from .tagger import DEFAULT_BATCH_SIZE, Tagger
+from .tagger import DEFAULT_BATCH_SIZE, Tagger, check_vocabulary
 
 RULE = "=" * 48
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")  # clip.PRECISIONS
-EXIT_INPUT_ERROR = 2      # bad input stopped the run
-EXIT_SKIPPED_IMAGES = 1   # --on_error skip: the run finished but some images failed
+DEFAULT_PRECISION = "fp32"  # the paper's setting, for every stage and device
+EXIT_SKIPPED_IMAGES = 1   # the run finished, but some images failed and were skipped (--on_error skip)
+EXIT_INPUT_ERROR = 2      # bad input or arguments stopped the run (one "error:" line)
+EXIT_INTERNAL_ERROR = 70  # a bug (traceback shown); sysexits.h's EX_SOFTWARE
 SPLIT_IMAGE_EXT = ".jpg"  # SPEC §8: image file = {img_root}/{id}.jpg
 CUSTOM_LABEL_FILE = "custom_val_tagclip.txt"
+# The smallest --max_side: one 16-pixel patch.
+MIN_MAX_SIDE = 16
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+max_side_value = _int_at_least(MIN_MAX_SIDE)
 
 
 def parse_word_list(value: Optional[str]) -> list[str]:
@@ -66,7 +85,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="OpenAI model name (downloaded to the cache, SHA256 checked) or a checkpoint file "
                         "(TorchScript archive, state dict or .npz)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
                    help="model weights in float32 (default, the paper's setting), float16 or bfloat16; "
                         "attention maps, LayerNorms and every TagCLIP step after the forwards stay float32 "
                         "(bf16: mean score drift ~1e-3 on the test fixtures, a crop or box threshold can flip; "
@@ -79,15 +98,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores_out", default=None,
                    help="write the score matrix: .npy (float32, rows in split order), "
                         ".csv (header of class names) or .json ({id: {class: score}})")
-    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help="images of equal size per forward pass (default %(default)s)")
     p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
                    help="on an unreadable image: stop at once (default) or skip it and report at the end")
     p.add_argument("--exif_transpose", action="store_true",
                    help="honour EXIF orientation (off by default, as the reference and the dataset annotations)")
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--workers", type=non_negative_int, default=0,
                    help="image-decoding worker processes (default 0: one background thread)")
-    p.add_argument("--max_side", type=int, default=DEFAULT_MAX_SIDE,
+    p.add_argument("--max_side", type=max_side_value, default=DEFAULT_MAX_SIDE,
                    help="downscale larger images to this longest side first (default %(default)s: "
                         "leaves every VOC/COCO image untouched)")
     p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
@@ -116,7 +135,10 @@ class _Vocabulary:
         self.dataset = get_dataset(args.dataset)
         custom = parse_word_list(args.classes)
         if custom:
-            self.names, self.background = custom, parse_word_list(args.background)
+            try:
+                self.names, self.background = check_vocabulary(custom, parse_word_list(args.background))
+            except ValueError as err:
+                raise InputError(args.background or args.classes, str(err)) from None
             self.label_map, self.label_file = None, CUSTOM_LABEL_FILE
         else:
             if args.background:
@@ -163,13 +185,14 @@ def _as_is(item):
     return item
 
 
-def _loaded_chunks(chunks: Sequence[Sequence[int]], paths: Sequence[Path], args, pin: bool):
-    """Decoded chunks in order: ``--workers N`` DataLoader processes (pinned memory for a GPU),
-    or with 0 workers one background thread that decodes the next chunk during the model's work."""
+def _loaded_chunks(chunks: Sequence[Sequence[int]], paths: Sequence[Path], args):
+    """Decoded chunks in order: ``--workers N`` DataLoader processes, or with 0 workers one
+    background thread that decodes the next chunk during the model's work. (Batches are
+    pinned where they are stacked, by the Tagger's schedule: pinning single images here
+    would be undone by the stack.)"""
     if getattr(args, "workers", 0) > 0:
         yield from torch.utils.data.DataLoader(_ChunkSet(chunks, paths, args), batch_size=None,
-                                               num_workers=args.workers, pin_memory=pin,
-                                               collate_fn=_as_is)
+                                               num_workers=args.workers, collate_fn=_as_is)
         return
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_load_chunk, [paths[i] for i in chunks[0]], args) if chunks else None
@@ -204,10 +227,9 @@ def score_images(tagger: Tagger, ids: Sequence[str], paths: Sequence[Path], args
     failures: list[InputError] = []
     step = max(1, args.batch_size)
     chunks = [todo[s:s + step] for s in range(0, len(todo), step)]
-    pin = tagger.device.type == "cuda"
     with tqdm(total=len(paths), initial=len(paths) - len(todo), unit="img", desc="classify",
               file=sys.stderr) as bar:
-        for idx, loaded in zip(chunks, _loaded_chunks(chunks, paths, args, pin)):
+        for idx, loaded in zip(chunks, _loaded_chunks(chunks, paths, args)):
             good = []
             for i, item in zip(idx, loaded):
                 if isinstance(item, InputError):
@@ -233,8 +255,8 @@ def run_classify(args) -> int:
 def _run_classify(args, shard: distributed.Shard) -> int:
     vocab = _Vocabulary(args)
     entries, paths = _image_list(args, vocab)
-    device = distributed.device_for(shard, args.device) or default_device()
-    precision = getattr(args, "precision", None) or "fp32"
+    device = shard.device
+    precision = args.precision
     if shard.is_main:
         print(RULE)
         print("num_classes_dataset:", len(vocab.names))
@@ -242,13 +264,7 @@ def _run_classify(args, shard: distributed.Shard) -> int:
         print("num_images:", len(entries))
         print("device:", device if shard.world == 1 else f"{device} x {shard.world} processes")
         print(RULE + "\n")
-    import clip  # deferred: torch/open_clip import cost only when a model is needed
-
-    try:
-        model = clip.load(args.model_path, device=device, dtype=clip.precision_dtype(precision),
-                          cache_dir=args.model_cache)
-    except RuntimeError as err:  # e.g. an unavailable CUDA device
-        raise InputError(args.model_path, f"cannot load on device {device!r}: {err}") from None
+    model = load_model(args.model_path, device, precision, args.model_cache)
     tagger = Tagger(model, vocab.names, vocab.background,
                     params=vocab.dataset.params, label_threshold=vocab.dataset.label_rel_threshold,
                     use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
@@ -257,7 +273,7 @@ def _run_classify(args, shard: distributed.Shard) -> int:
     journal = ScoreJournal(label_path.with_name(f".{label_path.name}{rank_tag}.journal"), run_key(
         checkpoint=model.checkpoint_sha256, names=vocab.names, background=vocab.background,
         params=vocab.dataset.params, exif=args.exif_transpose, max_side=args.max_side,
-        device=torch.device(device).type, precision=precision, batch=args.batch_size,
+        device=device.type, precision=precision, batch=args.batch_size,
         split=args.split_file and str(Path(args.split_file).resolve()), root=str(Path(args.img_root).resolve())),
         len(vocab.names))
     mine = distributed.owned_indices(len(entries), max(1, args.batch_size), shard)
@@ -321,6 +337,15 @@ def write_pictures(vis_dir, entries: Sequence[SplitEntry], paths: Sequence[Path]
     print(f">>>pictures written to {vis_dir}")
 
 
+def load_model(model_path: str, device, precision: str, cache_dir=None):
+    """The commands' one way to load a model: the device checked first, then the checkpoint;
+    every problem is an InputError (one line, exit status 2)."""
+    import clip  # deferred: torch/open_clip import cost only when a model is needed
+
+    return clip.load(model_path, device=clip.resolve_device(device), dtype=clip.precision_dtype(precision),
+                     cache_dir=cache_dir)
+
+
 def report_failures(failures: Sequence) -> int:
     """List the images a ``--on_error skip`` run skipped; the exit status (1 if any, else 0)."""
     if not failures:
@@ -332,12 +357,19 @@ def report_failures(failures: Sequence) -> int:
 
 
 def guarded(run, args) -> int:
-    """Run a command; bad input becomes one ``error:`` line and exit status 2."""
+    """Run a command. Bad input (:class:`InputError`: unreadable or malformed files, bad
+    arguments, checkpoint and device problems) becomes one ``error:`` line and exit status 2.
+    Anything else is a bug: its traceback, one line saying so, and EXIT_INTERNAL_ERROR."""
     try:
         return run(args)
-    except (InputError, ValueError) as err:  # ValueError: invalid option values (e.g. batch size)
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except Exception:  # noqa: BLE001 - reported in full, never disguised as bad input
+        traceback.print_exc()
+        print(f"internal error: the traceback above is a bug in the toolkit, not a problem with your input; "
+              f"please report it (exit status {EXIT_INTERNAL_ERROR})", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 def classify_main(argv: Optional[Sequence[str]] = None) -> int:

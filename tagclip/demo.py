@@ -20,13 +20,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args) -> int:
-    import clip
-    from .cli import default_device
+    from .cli import DEFAULT_PRECISION, load_model
 
-    device = args.device or default_device()
     files = iter_image_files(args.images)
     images = [load_model_input(Path(args.images) / name)[0] for _, name in files]
-    model = clip.load(args.model_path, device=device, cache_dir=args.model_cache)
+    model = load_model(args.model_path, args.device, DEFAULT_PRECISION, args.model_cache)
+    device = next(model.parameters()).device
     for dataset in DEMO_DATASETS:
         tagger = Tagger.for_dataset(model, dataset)
         scores = tagger.scores(images)

@@ -12,7 +12,12 @@ redo an image whose file was replaced in the meantime. A torn last line (the pro
 mid-write) is ignored.
 
 * :class:`ScoreJournal` — a row of classification scores, as ``float.hex()`` (exact);
+* :class:`CamJournal` — the labels of a written CAM file and that file's own stamp;
 * :class:`HistJournal` — one image's confusion matrix, as its non-zero ``index:count`` cells.
+
+Journals live beside a stage's outputs, or under :func:`cache_dir` ``/resume`` when a stage
+writes no files of its own (``eval_cam_with_crf.py --eval_only``); never in the working
+directory.
 """
 from __future__ import annotations
 
@@ -20,11 +25,23 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from .labels import atomic_writer
+
 MAGIC = "# tagclip-journal 3"
+CACHE_ENV = "TAGCLIP_CACHE"  # moves every cache of the toolkit (clip.loading reads it too)
+RESUME_DIR = "resume"
+
+
+def cache_dir() -> Path:
+    """``$TAGCLIP_CACHE``, else ``$XDG_CACHE_HOME/tagclip``, else ``~/.cache/tagclip``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base).expanduser() / "tagclip"
 
 
 def run_key(**settings) -> str:
@@ -56,10 +73,11 @@ class _Journal:
         """The value of a payload; raises ValueError if it is not one."""
         raise NotImplementedError
 
-    def load(self) -> dict[str, tuple[str, Any]]:
-        """Finished (stamp, value) per image id of a previous run with the same key ({} if none)."""
+    def load(self, path: Optional[Path] = None) -> dict[str, tuple[str, Any]]:
+        """Finished (stamp, value) per image id of a previous run with the same key ({} if
+        none), from this journal's file or another ``path`` of the same kind."""
         try:
-            with open(self.path, encoding="utf-8") as f:
+            with open(path or self.path, encoding="utf-8") as f:
                 if f.readline() != self.header:
                     return {}
                 done = {}
@@ -77,14 +95,9 @@ class _Journal:
 
     def start(self, done: dict[str, tuple[str, Any]]) -> None:
         """Rewrite the journal with the records kept from ``done`` (drops a torn tail)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.header)
-            f.writelines(self._lines(done.keys(), (st for st, _ in done.values()), (v for _, v in done.values())))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        lines = self._lines(done.keys(), (st for st, _ in done.values()), (v for _, v in done.values()))
+        with atomic_writer(self.path) as f:
+            f.write((self.header + "".join(lines)).encode("utf-8"))
 
     def append(self, ids: Iterable[str], stamps: Iterable[str], values: Iterable[Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -116,6 +129,20 @@ class ScoreJournal(_Journal):
         if len(row) != self.n_cols:
             raise ValueError("wrong row length")
         return np.asarray(row, dtype=np.float32)
+
+
+class CamJournal(_Journal):
+    """Per image: the CAM file's stamp when it was written and the labels it holds. A CAM
+    file is kept on resume only if it is still that file (same stamp) for the same labels."""
+    kind = "cams"
+
+    def encode(self, value) -> str:
+        cam_stamp, labels = value
+        return " ".join([cam_stamp, *(str(int(c)) for c in labels)])
+
+    def decode(self, text: str) -> tuple[str, tuple[int, ...]]:
+        cam_stamp, *labels = text.split(" ")
+        return cam_stamp, tuple(int(c) for c in labels)
 
 
 class HistJournal(_Journal):

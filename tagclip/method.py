@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from clip import CLIP
+from clip.model import ALL_AT_ONCE, AttentionSchedule
 
 from .boxes import TAGCLIP_CONTOURS, box_union, scoremap2bbox
 
@@ -245,19 +246,20 @@ def _chunks(n: int, size: Optional[int]) -> list[slice]:
 
 
 @torch.no_grad()
-def local_pass(model: CLIP, images: torch.Tensor, text: torch.Tensor,
-               params: TagCLIPParams) -> tuple[torch.Tensor, ...]:
+def local_pass(model: CLIP, images: torch.Tensor, text: torch.Tensor, params: TagCLIPParams,
+               attention: AttentionSchedule = ALL_AT_ONCE) -> tuple[torch.Tensor, ...]:
     """Steps 1-6 on (B, 3, H, W) images of one size: (S, R, S₁, S₂).
 
-    The vision tower runs in the model's dtype; its tokens and maps are cast to float32
-    here, so steps 2-6 always run in float32.
+    The vision tower runs in the model's dtype (its map-returning attention cut into steps
+    by ``attention``); its tokens and maps are cast to float32 here, so steps 2-6 always run
+    in float32.
     """
     visual = model.visual
     patch = visual.patch_size
     grid = (images.shape[-2] // patch, images.shape[-1] // patch)
     masks = self_only_masks(visual.transformer.layers, 1 + grid[0] * grid[1], params.self_mask_value,
                             device=images.device, dtype=images.dtype)
-    out = visual(images, masks, need_weights=True)
+    out = visual(images, masks, need_weights=True, schedule=attention)
     coarse = coarse_scores(out.tokens.float(), text.float(), model.logit_scale.float())
     maps = patch_maps([a.float() for a in out.attentions])
     refine = refinement_matrix(maps, params.refine_layers, attention_vote(maps, params.vote_min_layers))
@@ -269,19 +271,21 @@ def local_pass(model: CLIP, images: torch.Tensor, text: torch.Tensor,
 @torch.no_grad()
 def classify_batch(model: CLIP, images: torch.Tensor, text: torch.Tensor, n_foreground: int,
                    params: TagCLIPParams = TagCLIPParams(), main_chunk: Optional[int] = None,
-                   crop_chunk: Optional[int] = None) -> TagCLIPOutput:
+                   crop_chunk: Optional[int] = None,
+                   attention: AttentionSchedule = ALL_AT_ONCE) -> TagCLIPOutput:
     """Run SPEC §3 on (B, 3, H, W) normalised images of one size; text is T (C, E).
 
     The main pass runs ``main_chunk`` images at a time and the crops of the whole batch
-    ``crop_chunk`` at a time (None: all at once). Results do not depend on the chunking
-    beyond float rounding; CPUs are fastest with one image per main pass. Every step after
-    the forwards runs in float32 whatever the model's dtype (``--precision``).
+    ``crop_chunk`` at a time (None: all at once); ``attention`` cuts the main pass's
+    map-returning attention. Results do not depend on these schedules beyond float
+    rounding (:class:`tagclip.tagger.Schedule` picks them per device). Every step after the
+    forwards runs in float32 whatever the model's dtype (``--precision``).
     """
     images, text = images.float(), text.float()
     visual = model.visual
     patch = visual.patch_size
     grid = (images.shape[-2] // patch, images.shape[-1] // patch)
-    parts = [local_pass(model, images[s], text, params) for s in _chunks(len(images), main_chunk)]
+    parts = [local_pass(model, images[s], text, params, attention) for s in _chunks(len(images), main_chunk)]
     coarse, refine, attn_refined, local = (torch.cat(t) if len(parts) > 1 else t[0] for t in zip(*parts))
     scores = local_scores(local, n_foreground)
     jobs = plan_crops(local, scores, grid, params.crop_rel_threshold, params.crop_mask_threshold)

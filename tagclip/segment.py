@@ -1,19 +1,24 @@
 """``tagclip segment DIR --classes ...``: from a folder of images and a class list to masks.
 
 The same library code as the paper scripts, in one run: TagCLIP tags every image
-(:class:`tagclip.Tagger`), CLIP-ES turns each image's tags into refined CAMs
-(:func:`clip_es.cams.compute_cams`), the argmax with the background score of SPEC §6 (or the
-dense CRF with ``--crf``) gives the label map, written as a palette PNG (value = 1 + index of the
-class in ``--classes``, 0 = background, 255 = below ``--confidence_threshold``), with a picture
-of the image beside its mask and a colour legend.
+(:class:`tagclip.Tagger`, ``--batch_size`` images per forward), CLIP-ES turns each image's tags
+into refined CAMs (:func:`clip_es.cams.compute_cams`), the argmax with the background score of
+SPEC §6 (or the dense CRF with ``--crf``) gives the label map, written as a palette PNG (value =
+1 + index of the class in ``--classes``, 0 = background, 255 = below ``--confidence_threshold``),
+with a picture of the image beside its mask and a colour legend.
 
 Choices for an open vocabulary (the paper fixes them per dataset): the CAM stage uses the
 class names as given (no synonyms), the ``--background`` words or else the single word
 ``background`` (as COCO-Stuff does), and the COCO settings for affinity blocks and box
 threshold (``tagclip.registry.COCO_AFFINITY_LAYERS``, ``COCO_CAM_BOX_THRESHOLD``).
+
+Every flag it accepts changes what it does (a test holds it to that); flags of ``tagclip tag``
+that have no meaning here (``--output_dir``, ``--vis_dir``, ``--workers``, ``--exif_transpose``)
+are not accepted.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,82 +26,129 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import InputError
-from .images import iter_image_files, load_model_input
-from .labels import write_text_atomic
+from .images import DEFAULT_MAX_SIDE, iter_image_files, load_model_input
+from .labels import write_scores, write_text_atomic
 from .registry import COCO_AFFINITY_LAYERS, COCO_CAM_BOX_THRESHOLD, CamConfig, EvalConfig
 from .vocab import COCO_STUFF_CAM_BACKGROUND
 
 DEFAULT_OUT = "./segment_out"
 LEGEND_FILE = "classes.json"
+# Digits of the tag scores written to the legend file.
+LEGEND_SCORE_DIGITS = 6
 
 
-def add_segment_arguments(p) -> None:
-    from .cli import add_run_arguments
+def add_segment_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import DEFAULT_PRECISION, PRECISION_CHOICES, max_side_value, positive_int
+    from .tagger import DEFAULT_BATCH_SIZE
+
     p.add_argument("img_root", help="image folder (every image in it is segmented)")
-    add_run_arguments(p)
-    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default %(default)s)")
-    p.add_argument("--crf", action="store_true", help="refine the masks with the dense CRF (SPEC §6)")
+    p.add_argument("--classes", default=None, help="your class names: a file with one per line, or 'cat,dog,sofa'")
+    p.add_argument("--background", default=None,
+                   help="background words (file or comma list): compete in both softmaxes, never reported "
+                        "(default: none for tagging, the word 'background' for the CAMs)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="output folder: masks/, overlays/, cams/ and classes.json (default %(default)s)")
+    p.add_argument("--crf", action="store_true", help="refine the masks with the dense CRF")
     p.add_argument("--confidence_threshold", type=float, default=None,
                    help="pixels whose winning score is below this become 255 (ignored by trainers)")
+    p.add_argument("--scores_out", default=None,
+                   help="also write every image's tag scores: .npy, .csv (header of class names) or .json")
+    p.add_argument("--model_path", default="ViT-B/16",
+                   help="OpenAI model name (downloaded to the cache, SHA256 checked) or a checkpoint file")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
+                   help="model weights in float32 (default), float16 or bfloat16 (README 'Precision')")
+    p.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                   help="images of equal size per tagging forward pass (default %(default)s)")
+    p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
+                   help="on an image that cannot be read or segmented: stop at once (default) or skip it "
+                        "and report at the end (exit status 1)")
+    p.add_argument("--max_side", type=max_side_value, default=DEFAULT_MAX_SIDE,
+                   help="downscale larger images to this longest side before the model (default %(default)s); "
+                        "masks are still written at the file's own size")
+    p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
+    p.add_argument("--no_text_cache", action="store_true", help="do not read or write cached text features")
 
 
 def run_segment(args) -> int:
-    import clip
+    from clip.model import AttentionSchedule
     from clip_es.cams import compute_cams, encode_cam_text, save_cam
     from clip_es.cli import file_size_hw
     from clip_es.crf import crf_predict
     from clip_es.evaluation import predict, read_bgr
     from clip_es.masks import write_label_png
 
-    from .cli import default_device, parse_word_list, report_failures
+    from .cli import load_model, parse_word_list, report_failures
+    from .tagger import Tagger, check_vocabulary
     from .vis import mask_comparison
-    from .tagger import Tagger
 
-    names = parse_word_list(args.classes)
-    if not names:
+    if not args.classes:
         raise InputError("--classes", "tagclip segment needs your class names (--classes 'cat,dog' or a file)")
-    background = parse_word_list(args.background)
-    if args.exif_transpose:
-        raise InputError("--exif_transpose", "not supported by tagclip segment: masks follow the stored "
-                                             "pixel layout, as the datasets' masks do")
+    try:
+        names, background = check_vocabulary(parse_word_list(args.classes), parse_word_list(args.background))
+    except ValueError as err:
+        raise InputError(args.background or args.classes, str(err)) from None
     files = iter_image_files(args.img_root)
-    device = args.device or default_device()
-    model = clip.load(args.model_path, device=device, cache_dir=args.model_cache,
-                      dtype=clip.precision_dtype(getattr(args, "precision", None) or "fp32"))
-    tagger = Tagger(model, names, background, use_text_cache=not args.no_text_cache, batch_size=1)
-    cam_cfg = CamConfig(tuple(names), tuple(background) or COCO_STUFF_CAM_BACKGROUND,
+    model = load_model(args.model_path, args.device, args.precision, args.model_cache)
+    tagger = Tagger(model, names, background, use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
+    attention = AttentionSchedule.for_device(tagger.device)
+    cam_cfg = CamConfig(names, background or COCO_STUFF_CAM_BACKGROUND,
                         COCO_AFFINITY_LAYERS, COCO_CAM_BOX_THRESHOLD, len(names) + 1)
     eval_cfg = EvalConfig("custom", ("background", *names), True, tuple(range(1, len(names) + 1)))
     cam_text = encode_cam_text(model, cam_cfg)
     out = Path(args.out)
-    failures = []
-    tags = {}
-    for image_id, name in tqdm(files, unit="img", desc="segment", file=sys.stderr):
-        path = Path(args.img_root) / name
-        try:
-            tensor, loaded_hw = load_model_input(path, max_side=args.max_side)
-            size_hw = file_size_hw(path, loaded_hw, args.max_side)  # masks at the file's own size
-        except InputError as err:
-            if args.on_error == "stop":
-                raise
-            failures.append(err)
-            continue
-        row = tagger.scores([tensor])
-        labels = tagger.labels(row)[0]
-        tags[image_id] = {names[c]: round(float(row[0, c]), 6) for c in labels}
-        result = compute_cams(model, tensor.to(tagger.device), labels, cam_text, cam_cfg, size_hw)
-        save_cam(out / "cams" / f"{image_id}.npy", result.keys, result.attn_highres)
+    failures: list[InputError] = []
+    tags: dict[str, dict[str, float]] = {}
+    scored_ids, scored_rows = [], []
+
+    def fail(err: InputError) -> None:
+        if args.on_error == "stop":
+            raise err
+        failures.append(err)
+
+    def segment_one(image_id: str, path: Path, tensor, size_hw, row) -> None:
+        labels = tagger.labels(row[None])[0]
+        tags[image_id] = {names[c]: round(float(row[c]), LEGEND_SCORE_DIGITS) for c in labels}
+        result = compute_cams(model, tensor.to(tagger.device), labels, cam_text, cam_cfg, size_hw, attention)
         if args.crf:
             label_map, confidence = crf_predict(result.keys, result.attn_highres, read_bgr(path), eval_cfg)
         else:
             label_map, confidence = predict(result.keys, result.attn_highres, eval_cfg)
+        save_cam(out / "cams" / f"{image_id}.npy", result.keys, result.attn_highres)
         write_label_png(out / "masks" / f"{image_id}.png", label_map,
                         confidence if args.confidence_threshold is not None else None,
                         args.confidence_threshold)
         mask_comparison(path, label_map, None, eval_cfg.class_names, out / "overlays" / f"{image_id}.png",
                         title=f"{image_id}: " + ", ".join(tags[image_id]))
+
+    with tqdm(total=len(files), unit="img", desc="segment", file=sys.stderr) as bar:
+        for start in range(0, len(files), args.batch_size):
+            chunk = []  # (id, path, model input, file (H, W)) of the readable images
+            for image_id, name in files[start:start + args.batch_size]:
+                path = Path(args.img_root) / name
+                try:
+                    tensor, loaded_hw = load_model_input(path, max_side=args.max_side)
+                    chunk.append((image_id, path, tensor, file_size_hw(path, loaded_hw, args.max_side)))
+                except InputError as err:
+                    fail(err)
+            rows = tagger.scores([tensor for _, _, tensor, _ in chunk]) if chunk else []
+            for (image_id, path, tensor, size_hw), row in zip(chunk, rows):
+                try:
+                    segment_one(image_id, path, tensor, size_hw, row)
+                except InputError as err:  # e.g. a file PIL reads but OpenCV (the CRF image) cannot
+                    tags.pop(image_id, None)
+                    fail(err)
+                    continue
+                scored_ids.append(image_id)
+                scored_rows.append(row)
+            bar.update(len(files[start:start + args.batch_size]))
     legend = {"0": "background", **{str(i + 1): n for i, n in enumerate(names)}}
     write_text_atomic(out / LEGEND_FILE, json.dumps({"labels": legend, "tags": tags}, indent=1) + "\n")
-    print(f"masks: {out / 'masks'}  pictures: {out / 'overlays'}  CAMs: {out / 'cams'}  "
-          f"legend and tags: {out / LEGEND_FILE}")
+    if args.scores_out and scored_rows:
+        import torch
+
+        write_scores(args.scores_out, scored_ids, names, torch.stack(scored_rows))
+    print(f"segmented {len(scored_ids)} of {len(files)} image(s): masks {out / 'masks'}, pictures "
+          f"{out / 'overlays'}, CAMs {out / 'cams'}, legend and tags {out / LEGEND_FILE}"
+          + (f", scores {args.scores_out}" if args.scores_out and scored_rows else ""))
     return report_failures(failures)

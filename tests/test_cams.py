@@ -297,6 +297,7 @@ def test_batched_refinement_equals_reference_form():
 
 
 def test_highres_scaling_and_resize():
+    """Each class: (x − min) / (max + 1e-7) in float32, then its own cv2.resize, as the reference."""
     g = np.random.default_rng(0)
     refined = g.random((3, 4, 6)).astype(np.float32) * 5 + 2
     out = C.highres(refined, (37, 53))
@@ -305,6 +306,28 @@ def test_highres_scaling_and_resize():
         scaled = refined[k] - refined[k].min()
         scaled = scaled / (np.float32(1e-7) + scaled.max())
         np.testing.assert_array_equal(out[k], cv2.resize(scaled, (53, 37)))
+
+
+@pytest.mark.parametrize("n_labels", [1, 2, 3, 4, 7, 12])
+def test_a_class_map_does_not_depend_on_the_other_labels(n_labels):
+    """Refinement and resize of one label give the same bits whatever labels come with it:
+    alone, with n − 1 others, and in another position (SPEC §5: classes are treated apart)."""
+    g = torch.Generator().manual_seed(n_labels)
+    grid, size_hw = (23, 31), (367, 497)  # a 500×375-like image, odd output size
+    p = grid[0] * grid[1]
+    trans = C.transition_matrix(torch.rand(p, p, generator=g) + 0.01)
+    cams = C.scale_maps(torch.rand(n_labels, *grid, generator=g))
+    masks = torch.from_numpy(C.box_masks(cams.numpy(), 0.4))
+    together_refined = C.refine(trans, cams, masks)
+    together = C.highres(together_refined.numpy(), size_hw)
+    order = list(reversed(range(n_labels)))
+    reversed_maps = C.highres(C.refine(trans, cams[order], masks[order]).numpy(), size_hw)
+    for k in range(n_labels):
+        alone_refined = C.refine(trans, cams[k:k + 1], masks[k:k + 1])
+        assert torch.equal(together_refined[k], alone_refined[0]), k
+        alone = C.highres(alone_refined.numpy(), size_hw)[0]
+        np.testing.assert_array_equal(together[k], alone)
+        np.testing.assert_array_equal(reversed_maps[order.index(k)], alone)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -470,6 +493,50 @@ def test_cli_end_to_end_and_resume(voc_folder, capsys):
     assert (out / "d_76.npy").stat().st_mtime_ns != stamps["d_76.npy"]
 
 
+def _cam_files(out: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.glob("*.npy"))}
+
+
+def test_resume_never_keeps_cams_of_other_settings(voc_folder, tmp_path, capsys):
+    """fp32 then bf16 into one folder rewrites every CAM; so does another checkpoint or another
+    --max_side; the same settings again keep them all; a changed image is redone."""
+    root, label_file, specs = voc_folder
+    out = tmp_path / "cams"
+    assert _cli(root, label_file, out) == 0
+    fp32 = _cam_files(out)
+    assert len(fp32) == len(specs)
+    capsys.readouterr()
+    assert _cli(root, label_file, out, "--precision", "bf16") == 0
+    assert "resuming" not in capsys.readouterr().out
+    bf16 = _cam_files(out)
+    assert all(bf16[name][0] != fp32[name][0] for name in fp32)       # every file rewritten
+    assert any(bf16[name][1] != fp32[name][1] for name in fp32)       # with other numbers
+    assert _cli(root, label_file, out, "--precision", "bf16") == 0  # same settings: all kept
+    assert f"resuming: {len(specs)} CAM file(s)" in capsys.readouterr().out
+    assert _cam_files(out) == bf16
+
+    other = tmp_path / "other.pt"
+    torch.save(helpers.random_state_dict(seed=3), other)
+    assert generate_cams_main([
+        "--dataset", "voc2012", "--img_root", str(root / "JPEGImages"), "--split_file", str(label_file),
+        "--model", str(other), "--cam_out_dir", str(out), "--model_cache", str(tmp_path / "mc"),
+        "--device", "cpu", "--precision", "bf16"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+    assert all(_cam_files(out)[name][0] != bf16[name][0] for name in bf16)
+
+    assert _cli(root, label_file, out) == 0
+    capsys.readouterr()
+    assert _cli(root, label_file, out, "--max_side", "256") == 0
+    assert "resuming" not in capsys.readouterr().out
+    assert _cli(root, label_file, out, "--max_side", "256") == 0
+    assert f"resuming: {len(specs)} CAM file(s)" in capsys.readouterr().out
+    image = root / "JPEGImages" / "c_cmyk.jpg"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert _cli(root, label_file, out, "--max_side", "256") == 0
+    assert f"resuming: {len(specs) - 1} CAM file(s)" in capsys.readouterr().out
+    assert [p.name for p in out.iterdir() if not p.name.endswith(".npy")] == [".generate_cams.journal"]
+
+
 def test_cli_matches_golden_cams(tmp_path):
     label_file = write_label_file("voc2012", tmp_path)
     out = tmp_path / "cams"
@@ -527,7 +594,7 @@ def test_cli_on_error_skip_finishes_the_rest(voc_folder, capsys):
     assert _cli(tmp_path, label_file, out, "--on_error", "skip") == 1
     err = capsys.readouterr().err
     assert "1 image(s) failed" in err and "a_rgb.jpg" in err
-    assert sorted(p.name for p in out.iterdir()) == ["b_gray.npy", "c_cmyk.npy", "d_76.npy"]
+    assert sorted(p.name for p in out.glob("*.npy")) == ["b_gray.npy", "c_cmyk.npy", "d_76.npy"]
 
 
 def test_generate_cams_script_process(voc_folder):

@@ -44,9 +44,6 @@ SUBPROCESS_TIMEOUT_S = 240
 MAP_LINE = re.compile(r"^mAP: \d+\.\d{6}$", re.M)
 F1_LINE = re.compile(r"^F1: (\d+\.\d{6}|nan), Precision: \d+\.\d{6}, Recall: \d+\.\d{6}$", re.M)
 
-pytestmark = pytest.mark.skipif(not TINY.is_file(), reason=f"missing fixture {TINY}")
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -378,6 +375,17 @@ def _setup_bad(case: str, tmp: Path) -> tuple[list, str]:
         model = culprit = "ViT-Q/99"
     elif case == "duplicate_class_name":
         extra, culprit = ["--classes", "cat,dog,cat"], "cat,dog,cat"
+    elif case == "background_word_is_a_class":
+        extra, culprit = ["--classes", "cat,dog", "--background", "sky,dog"], "'dog' is also a class name"
+    elif case == "duplicate_class_name_in_file":
+        names = tmp / "names.txt"
+        names.write_text("cat\ndog\ncat\n")
+        extra, culprit = ["--classes", str(names)], str(names)
+    elif case == "bogus_device":
+        extra, culprit = ["--device", "bogus"], "bogus"
+    elif case == "cuda_without_a_gpu":  # this machine has none (CI and development both)
+        assert not torch.cuda.is_available()
+        extra, culprit = ["--device", "cuda"], "no CUDA device"
     else:
         raise AssertionError(case)
     argv = ["--dataset", "voc2007", "--img_root", img_root, "--split_file", split, "--model_path", model,
@@ -387,7 +395,8 @@ def _setup_bad(case: str, tmp: Path) -> tuple[list, str]:
 
 BAD_CASES = ["missing_image", "corrupt_image", "zero_byte_image", "empty_split", "malformed_split",
              "label_outside_vocabulary", "missing_checkpoint", "corrupt_checkpoint",
-             "truncated_checkpoint", "unknown_model_name", "duplicate_class_name"]
+             "truncated_checkpoint", "unknown_model_name", "duplicate_class_name",
+             "background_word_is_a_class", "duplicate_class_name_in_file", "bogus_device", "cuda_without_a_gpu"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -399,6 +408,40 @@ def test_bad_input_stops_with_one_error_line(case, tmp_path, capsys):
         assert "line 2" in last_line(err)
     if case == "duplicate_class_name":
         assert "'cat'" in last_line(err)
+
+
+@pytest.mark.parametrize("flag,value,problem", [
+    ("--batch_size", "0", "must be at least 1, got 0"),
+    ("--workers", "-1", "must be at least 0, got -1"),
+    ("--max_side", "1", "must be at least 16, got 1"),
+    ("--batch_size", "two", "not an integer: 'two'"),
+])
+def test_bad_option_values_are_usage_errors(flag, value, problem, tmp_path, capsys):
+    img_root, split = make_voc(tmp_path, VOC_IMAGES[:1])
+    with pytest.raises(SystemExit) as info:
+        classify_main(["--img_root", str(img_root), "--split_file", str(split), "--model_path", str(TINY),
+                       "--output_dir", str(tmp_path / "out"), flag, value])
+    assert info.value.code == 2
+    line = last_line(capsys.readouterr().err)
+    assert f"argument {flag}: {problem}" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bug_is_an_internal_error_with_its_traceback(tmp_path, capsys, monkeypatch):
+    """Not bad input: the traceback stays, one line says it is a bug, exit status 70 (neither
+    1, 'done with skips', nor 2, 'bad input'); a ValueError is no exception to that."""
+    import tagclip.cli as cli
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(cli, "label_file_lines", broken)
+    img_root, split = make_voc(tmp_path, VOC_IMAGES[:2])
+    rc, out, err = run_in_process(classify_main, ["--img_root", img_root, "--split_file", split, "--model_path",
+                                                  TINY, "--device", "cpu", "--output_dir", tmp_path / "out"], capsys)
+    assert rc == cli.EXIT_INTERNAL_ERROR == 70
+    assert "Traceback" in err and "ValueError: an internal inconsistency" in err
+    assert last_line(err).startswith("internal error:") and "bug" in last_line(err)
 
 
 def test_bad_input_exit_status_of_the_process(tmp_path, shared_cache):
@@ -454,9 +497,8 @@ def test_named_model_with_wrong_checksum_and_no_network(tmp_path, monkeypatch):
 
 
 def test_demo_prints_every_sample_under_both_vocabularies(capsys):
-    samples = [name for _, name in iter_image_files(SAMPLES)] if SAMPLES.is_dir() else []
-    if not samples:
-        pytest.skip("no sample images in tagclip/samples yet")
+    samples = [name for _, name in iter_image_files(SAMPLES)]
+    assert len(samples) == 4, samples  # astronaut, cat, coffee, rocket
     rc, out, err = run_in_process(main, ["demo", "--model_path", TINY, "--device", "cpu"], capsys)
     assert rc == 0, err
     voc_at, coco_at = out.find("voc2007 vocabulary"), out.find("coco2014 vocabulary")

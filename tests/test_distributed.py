@@ -1,18 +1,21 @@
 """``torchrun --nproc_per_node=2 classify.py`` (gloo, CPU) gives the one-process outputs."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from tagclip.distributed import Shard, owned_indices
+from tagclip.distributed import Shard, init_from_env, owned_indices, plan
+from tagclip.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "golden" / "tiny_clip_fp16.npz"
+# torchrun as the installed torch provides it (the module form needs no script on PATH).
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 
 
 def test_owned_indices_deal_whole_batches():
@@ -23,8 +26,48 @@ def test_owned_indices_deal_whole_batches():
     assert sorted(sum(three, [])) == list(range(7))
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
+@pytest.mark.parametrize("device,local_rank,local_world,gpus,expected", [
+    # CPU ranks, whatever GPUs exist, talk over gloo.
+    ("cpu", 1, 2, 2, ("cpu", "gloo")),
+    (None, 0, 2, 0, ("cpu", "gloo")),
+    # One GPU per rank: rank r takes cuda:r, NCCL.
+    (None, 1, 2, 2, ("cuda:1", "nccl")),
+    ("cuda", 3, 4, 8, ("cuda:3", "nccl")),
+    # More ranks than GPUs: they share (r mod G) over gloo, which NCCL would refuse.
+    ("cuda", 1, 2, 1, ("cuda:0", "gloo")),
+    ("cuda", 2, 3, 2, ("cuda:0", "gloo")),
+    # An explicit index is kept for every rank, which then share it.
+    ("cuda:1", 0, 2, 2, ("cuda:1", "gloo")),
+    ("cuda:1", 0, 1, 2, ("cuda:1", "nccl")),
+])
+def test_device_and_backend_plan(device, local_rank, local_world, gpus, expected):
+    got = plan(device, local_rank, local_world, gpus)
+    assert (str(got.device), got.backend) == expected
+
+
+def test_cuda_plan_without_gpus_is_an_input_error():
+    with pytest.raises(InputError, match="no CUDA device"):
+        plan("cuda", 0, 2, 0)
+
+
+def test_world_size_without_rank_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(InputError, match="RANK: is not set.*torchrun"):
+        init_from_env("cpu")
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(InputError, match="RANK: must be an integer"):
+        init_from_env("cpu")
+
+
+def test_one_process_shard_resolves_the_device(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    shard = init_from_env("cpu")
+    assert shard.world == 1 and shard.is_main and shard.device == torch.device("cpu") and shard.group is None
+    with pytest.raises(InputError, match="bogus"):
+        init_from_env("bogus")
+
+
 def test_torchrun_two_processes_match_one(tmp_path):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -43,8 +86,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     one = subprocess.run([sys.executable, ROOT / "classify.py", *args(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", ROOT / "classify.py",
+    two = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", ROOT / "classify.py",
                           *args(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     for name in ("voc2007_val_tagclip.txt", "s.npy"):
@@ -74,14 +116,21 @@ def test_torchrun_generate_cams_writes_the_same_files(tmp_path):
     one = subprocess.run([sys.executable, ROOT / "generate_cams.py", *args(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", ROOT / "generate_cams.py",
+    two = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", ROOT / "generate_cams.py",
                           *args(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     for i in ids:
         k1, m1 = load_cam(tmp_path / "one" / f"{i}.npy")
         k2, m2 = load_cam(tmp_path / "two" / f"{i}.npy")
         assert np.array_equal(k1, k2) and np.array_equal(m1, m2)
+    journals = sorted(p.name for p in (tmp_path / "two").glob(".generate_cams*.journal"))
+    assert journals == [".generate_cams.rank0of2.journal", ".generate_cams.rank1of2.journal"]
+    # One process afterwards keeps what both ranks wrote and folds their journals into its own.
+    again = subprocess.run([sys.executable, ROOT / "generate_cams.py", *args(tmp_path / "two")], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming: {len(ids)} CAM file(s)" in again.stdout
+    assert [p.name for p in (tmp_path / "two").glob(".generate_cams*.journal")] == [".generate_cams.journal"]
 
 
 def test_torchrun_crf_evaluation_sums_confusion_matrices(tmp_path):
@@ -100,8 +149,7 @@ def test_torchrun_crf_evaluation_sums_confusion_matrices(tmp_path):
     one = subprocess.run([sys.executable, ROOT / "eval_cam_with_crf.py", *args("one")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", ROOT / "eval_cam_with_crf.py",
+    two = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", ROOT / "eval_cam_with_crf.py",
                           *args("two")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two.json").read_text()) == json.loads((tmp_path / "one.json").read_text())
@@ -148,13 +196,18 @@ def test_sigkilled_generate_cams_resumes_to_identical_files(tmp_path):
 
 
 def test_crf_evaluation_resumes_from_its_journal(tmp_path, monkeypatch, capsys):
-    """An interrupted CRF run keeps per-image confusion matrices; the rerun evaluates only the
-    rest and reports the scores of an uninterrupted run."""
+    """An interrupted CRF run keeps per-image confusion matrices in the cache's resume folder
+    (never in the working directory); the rerun evaluates only the rest and reports the scores
+    of an uninterrupted run."""
     import json
 
     import eval_helpers
     from clip_es.eval_cli import eval_crf_main
-    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("TAGCLIP_CACHE", str(tmp_path / "cache"))
+    resume = tmp_path / "cache" / "resume"
     cams = eval_helpers.write_cam_dir("voc2012", tmp_path / "cams")
     voc = eval_helpers.folder("voc2012")
 
@@ -164,13 +217,13 @@ def test_crf_evaluation_resumes_from_its_journal(tmp_path, monkeypatch, capsys):
                 "--jobs", "1", "--save_scores", str(tmp_path / f"{name}.json"), "--on_error", "skip"]
 
     assert eval_crf_main(argv("full")) == 0
-    assert not list(tmp_path.glob(".eval_cam_with_crf.*journal"))
+    assert not list(resume.glob(".eval_cam_with_crf.*journal"))
     # Interrupt: one CAM file unreadable -> that image fails, the journal keeps the others.
     victim = sorted(cams.glob("*.npy"))[3]
     good = victim.read_bytes()
     victim.write_bytes(b"broken")
     assert eval_crf_main(argv("partial")) == 1
-    journals = list(tmp_path.glob(".eval_cam_with_crf.*journal"))
+    journals = list(resume.glob(".eval_cam_with_crf.*journal"))
     assert len(journals) == 1 and len(journals[0].read_text().splitlines()) == 1 + 7
     victim.write_bytes(good)
     capsys.readouterr()
@@ -178,4 +231,5 @@ def test_crf_evaluation_resumes_from_its_journal(tmp_path, monkeypatch, capsys):
     assert "resuming: 7 image(s) already evaluated" in capsys.readouterr().out
     full = json.loads((tmp_path / "full.json").read_text())
     assert json.loads((tmp_path / "resumed.json").read_text()) == full
-    assert not list(tmp_path.glob(".eval_cam_with_crf.*journal"))
+    assert not list(resume.glob(".eval_cam_with_crf.*journal"))
+    assert not list(work.iterdir())  # nothing in the working directory

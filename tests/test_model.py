@@ -14,7 +14,8 @@ import torch
 import clip
 import helpers
 from clip import build_model, tokenize
-from clip.model import Attention, Linear, ResidualAttentionBlock
+from clip.model import (ALL_AT_ONCE, CPU_ATTENTION, Attention, AttentionSchedule, Linear, ResidualAttentionBlock,
+                        packing_supported)
 from clip.model import linear as model_linear
 from tagclip.errors import InputError
 from tagclip.method import region_masks, self_only_masks
@@ -120,9 +121,10 @@ def test_parts_equal_the_explicit_forward():
     with torch.no_grad():
         out, weights = attn(x, None, need_weights=True)
         parts = attn.parts(x)
-        one = attn.parts(x[:1])
-    # The forward takes a CPU batch one image at a time: bit-equal for one image, rounding for more.
-    assert torch.equal(one.out, out[:1]) and torch.equal(one.weights, weights[:1])
+        one = attn.parts(x[:1], CPU_ATTENTION)
+        first, first_weights = attn(x, None, need_weights=True, schedule=CPU_ATTENTION)
+    # The same steps (one image, one head at a time) on the same numbers: the same bits.
+    assert torch.equal(one.out, first[:1]) and torch.equal(one.weights, first_weights[:1])
     assert helpers.max_abs_diff(parts.out, out) <= ATOL and helpers.max_abs_diff(parts.weights, weights) <= WEIGHTS_ATOL
     assert parts.probs.shape == (BATCH, HEADS, TOKENS, TOKENS)
     scale = (WIDTH // HEADS) ** -0.5
@@ -130,6 +132,118 @@ def test_parts_equal_the_explicit_forward():
     assert helpers.max_abs_diff(parts.heads, parts.probs @ parts.v) <= WEIGHTS_ATOL
     q = x @ attn.in_proj_weight[:WIDTH].t() + attn.in_proj_bias[:WIDTH]
     assert helpers.max_abs_diff(parts.q, scale * q.reshape(BATCH, TOKENS, HEADS, -1).transpose(1, 2)) <= ATOL
+
+
+SCHEDULES = {
+    "cpu": CPU_ATTENTION,
+    "one_image": AttentionSchedule(images=1),
+    "one_head": AttentionSchedule(heads=1),
+    "uneven": AttentionSchedule(images=2, heads=3),
+}
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES))
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_every_attention_schedule_gives_the_all_at_once_results(name, case):
+    """The GPU schedule (everything at once) and the CPU one (one image, one head) on a CPU:
+    maps within 1e-6 and outputs within 1e-6 of their magnitude at this tiny size, where BLAS
+    may round batched products apart."""
+    attn, x = _attention(), _tokens()
+    mask, causal = MASK_CASES[case]["mask"], MASK_CASES[case]["causal"]
+    first_mask = mask[..., :1, :] if mask is not None else None  # as Transformer cuts it for n_queries
+    with torch.no_grad():
+        out, weights = attn(x, mask, need_weights=True, is_causal=causal, schedule=ALL_AT_ONCE)
+        got, got_weights = attn(x, mask, need_weights=True, is_causal=causal, schedule=SCHEDULES[name])
+        first, first_weights = attn(x, first_mask, need_weights=True, is_causal=causal, n_queries=1,
+                                    schedule=SCHEDULES[name])
+    scale = float(out.abs().max())
+    assert helpers.max_abs_diff(got, out) <= WEIGHTS_ATOL * scale
+    assert helpers.max_abs_diff(got_weights, weights) <= WEIGHTS_ATOL
+    assert helpers.max_abs_diff(first, out[:, :1]) <= WEIGHTS_ATOL * scale
+    assert helpers.max_abs_diff(first_weights, weights[:, :1]) <= WEIGHTS_ATOL
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_attention_schedules_are_bit_equal_at_clip_sizes(name):
+    """At CLIP's token counts (197 = a 224×224 image at patch 16) the schedules give the same bits."""
+    attn, x = _attention(width=128, heads=4), _tokens(n=197)
+    mask = (1 - torch.eye(197)) * -100.0  # the self-only block of TagCLIP's main pass
+    with torch.no_grad():
+        for m in (None, mask):
+            out, weights = attn(x, m, need_weights=True, schedule=ALL_AT_ONCE)
+            got, got_weights = attn(x, m, need_weights=True, schedule=SCHEDULES[name])
+            assert torch.equal(got, out) and torch.equal(got_weights, weights)
+            if m is None:  # parts() is the unmasked pass
+                parts = attn.parts(x[:1], SCHEDULES[name])
+                assert torch.equal(parts.out, out[:1]) and torch.equal(parts.weights, weights[:1])
+
+
+def _block(seed: int = 3) -> ResidualAttentionBlock:
+    torch.manual_seed(seed)
+    block = ResidualAttentionBlock(WIDTH, HEADS)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, WIDTH ** -0.5)
+    return block.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_block_output_does_not_depend_on_autograd_state(need_weights):
+    """One block on the same numbers: the same bits under no_grad, inference mode, grad mode,
+    and with an input that requires grad (the kernel choice never reads autograd state)."""
+    block, x = _block(), _tokens(n=50)
+    with torch.no_grad():
+        ref, ref_w = block(x, need_weights=need_weights)
+    with torch.inference_mode():
+        inf, inf_w = block(x.clone(), need_weights=need_weights)
+    with torch.enable_grad():
+        plain, plain_w = block(x, need_weights=need_weights)
+        leaf = x.clone().requires_grad_(True)
+        tracked, tracked_w = block(leaf, need_weights=need_weights)
+        assert tracked.requires_grad
+    for got, got_w in ((inf, inf_w), (plain, plain_w), (tracked.detach(), tracked_w)):
+        assert torch.equal(got, ref)
+        if need_weights:
+            assert torch.equal(got_w.detach(), ref_w)
+
+
+def test_linear_gradients_equal_the_plain_linear_gradients():
+    """The oneDNN product's backward pass (input, weight and bias gradients) against F.linear's."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 9, WIDTH, generator=g)
+    weight, bias = torch.randn(3 * WIDTH, WIDTH, generator=g) * 0.1, torch.randn(3 * WIDTH, generator=g)
+    cot = torch.randn(2, 9, 3 * WIDTH, generator=g)
+    grads = []
+    for fn in (model_linear, torch.nn.functional.linear):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        fn(*leaves).backward(cot)
+        grads.append([t.grad for t in leaves])
+    for ours, plain in zip(*grads):
+        assert helpers.max_abs_diff(ours, plain) <= ATOL
+
+
+def test_weight_packing_is_probed_and_falls_back(monkeypatch):
+    """Weights are packed only where the probe found the packed product bit-equal to the plain
+    one; where the reorder operator fails, products run on the plain weight with the same bits."""
+    layer, x = Linear(WIDTH, WIDTH).eval(), _tokens(n=5)
+    with torch.no_grad():
+        plain = model_linear(x, layer.weight, layer.bias)
+        assert torch.equal(layer(x), plain)
+        assert ("weight" in layer.weight_cache) == packing_supported()
+
+        def broken(*args):
+            raise RuntimeError("reorder not supported on this CPU")
+
+        monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", broken)
+        packing_supported.cache_clear()
+        try:
+            assert not packing_supported()
+            fresh = Linear(WIDTH, WIDTH).eval()
+            fresh.load_state_dict(layer.state_dict())
+            assert torch.equal(fresh(x), plain) and "weight" not in fresh.weight_cache
+        finally:
+            monkeypatch.undo()
+            packing_supported.cache_clear()
 
 
 def test_masks_change_the_output_but_not_the_returned_map():

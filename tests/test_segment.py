@@ -51,3 +51,113 @@ def test_segment_folder(folder, tmp_path, extra):
 def test_segment_needs_classes(folder, tmp_path, capsys):
     assert main(["segment", str(folder), "--model_path", str(TINY), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --classes")
+
+
+# ----------------------------------------------------------------------------- every flag counts
+
+def _outputs(out: Path) -> dict:
+    """What a segment run leaves: legend and tags, mask pixels, CAM arrays."""
+    masks = {p.stem: np.asarray(Image.open(p)).copy() for p in sorted((out / "masks").glob("*.png"))}
+    cams = {p.stem: load_cam(p) for p in sorted((out / "cams").glob("*.npy"))}
+    return {"legend": json.loads((out / "classes.json").read_text()), "masks": masks, "cams": cams}
+
+
+def _differs(a: dict, b: dict) -> bool:
+    if a["legend"] != b["legend"] or a["masks"].keys() != b["masks"].keys():
+        return True
+    if any(not np.array_equal(a["masks"][k], b["masks"][k]) for k in a["masks"]):
+        return True
+    return any(not (np.array_equal(a["cams"][k][0], b["cams"][k][0]) and np.array_equal(a["cams"][k][1], b["cams"][k][1]))
+               for k in a["cams"])
+
+
+def _flag_cases(tmp_path: Path, folder: Path):
+    """flag -> (extra argv, check(baseline outputs, rc, outputs, stderr, calls)), one per accepted option."""
+    other_ckpt = tmp_path / "other.pt"
+    import torch
+    import helpers
+    torch.save(helpers.random_state_dict(seed=11), other_ckpt)
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (96, 160, 3), dtype=np.uint8)).save(big / "b.jpg")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("wide", "tall"):
+        (broken / f"{name}.jpg").write_bytes((folder / f"{name}.jpg").read_bytes())
+    (broken / "zzz.jpg").write_bytes(b"not a jpeg at all")
+    return {
+        "--classes": (["--classes", "cat,dog"], lambda base, rc, got, err, calls: got["legend"] != base["legend"]),
+        "--background": (["--background", "floor,wall"],
+                         lambda base, rc, got, err, calls: _differs(base, got)),
+        "--out": (["--out", str(tmp_path / "elsewhere")],
+                  lambda base, rc, got, err, calls: (tmp_path / "elsewhere" / "classes.json").is_file()),
+        "--crf": (["--crf"], lambda base, rc, got, err, calls: _differs(base, got)),
+        "--confidence_threshold": (["--confidence_threshold", "1.5"],
+                                   lambda base, rc, got, err, calls: all((m == 255).all() for m in got["masks"].values())),
+        "--scores_out": (["--scores_out", str(tmp_path / "s.json")],
+                         lambda base, rc, got, err, calls: sorted(json.loads((tmp_path / "s.json").read_text()))
+                         == sorted(SIZES)),
+        "--model_path": (["--model_path", str(other_ckpt)], lambda base, rc, got, err, calls: _differs(base, got)),
+        "--device": (["--device", "bogus"], lambda base, rc, got, err, calls: rc == 2 and "bogus" in err),
+        "--precision": (["--precision", "bf16"], lambda base, rc, got, err, calls: _differs(base, got)),
+        "--batch_size": (["--batch_size", "1"],
+                         lambda base, rc, got, err, calls: calls == [1, 1, 1] and not _differs(base, got)),
+        "--on_error": (["--on_error", "skip", str(broken)],
+                       lambda base, rc, got, err, calls: rc == 1 and "zzz.jpg" in err and sorted(got["masks"]) == ["tall", "wide"]),
+        "--max_side": (["--max_side", "32", str(big)],
+                       lambda base, rc, got, err, calls: got["cams"]["b"][1].shape[1:] == (96, 160)
+                       and not np.array_equal(got["cams"]["b"][1], _baseline_of(big, tmp_path)["cams"]["b"][1])),
+        "--model_cache": (["--model_cache", str(tmp_path / "mc")],
+                          lambda base, rc, got, err, calls: (tmp_path / "mc" / "sha256-memo.json").is_file()),
+        "--no_text_cache": (["--no_text_cache"],
+                            lambda base, rc, got, err, calls: not any((tmp_path / "nc" / "text").glob("*"))),
+    }
+
+
+def _argv(folder: Path, out: Path, extra) -> list[str]:
+    positional = [a for a in extra if not a.startswith("-") and Path(a).is_dir()]
+    extra = [a for a in extra if a not in positional]
+    return ["segment", str(positional[0] if positional else folder), "--classes", "cat,dog,sofa",
+            "--model_path", str(TINY), "--device", "cpu", "--out", str(out), *extra]
+
+
+def _baseline_of(folder: Path, tmp_path: Path) -> dict:
+    out = tmp_path / f"baseline_{folder.name}"
+    if not out.exists():
+        assert main(_argv(folder, out, [])) == 0
+    return _outputs(out)
+
+
+def test_every_accepted_segment_flag_changes_something(folder, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from tagclip.segment import add_segment_arguments
+    from tagclip.tagger import Tagger
+
+    parser = argparse.ArgumentParser()
+    add_segment_arguments(parser)
+    accepted = {s for a in parser._actions for s in a.option_strings if s.startswith("--")} - {"--help"}
+    cases = _flag_cases(tmp_path, folder)
+    assert accepted == set(cases), "a flag without a case here, or a case for a flag it no longer takes"
+    for refused in ("--output_dir", "--vis_dir", "--workers", "--exif_transpose"):
+        assert refused not in accepted
+
+    calls: list[int] = []
+    scores = Tagger.scores
+
+    def counting(self, images):
+        calls.append(len(images))
+        return scores(self, images)
+
+    monkeypatch.setattr(Tagger, "scores", counting)
+    base = _baseline_of(folder, tmp_path)
+    for flag, (extra, check) in cases.items():
+        calls.clear()
+        out = tmp_path / f"run{flag}"
+        if flag == "--no_text_cache":
+            monkeypatch.setenv("TAGCLIP_CACHE", str(tmp_path / "nc"))
+        capsys.readouterr()
+        rc = main(_argv(folder, out, extra))
+        err = capsys.readouterr().err
+        got = _outputs(tmp_path / "elsewhere" if flag == "--out" else out) if rc in (0, 1) else None
+        assert check(base, rc, got, err, list(calls)), (flag, rc, err[-500:])
