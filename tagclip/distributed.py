@@ -17,6 +17,7 @@ rank 0; it always runs over a gloo group, so pickled results never travel throug
 """
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any, NamedTuple, Optional
 
@@ -26,6 +27,10 @@ import torch.distributed as dist
 from clip.errors import InputError
 from clip.loading import resolve_device
 
+# How long a rank that finished its share waits for the others at the final gather. Ranks
+# finish at different times (image sizes, crop counts), and over a long run the gap can pass
+# torch's default of 30 minutes, which would crash the run at its very end.
+GATHER_TIMEOUT = datetime.timedelta(hours=24)
 # Environment that torchrun sets for every process.
 WORLD_ENV, RANK_ENV, LOCAL_RANK_ENV = "WORLD_SIZE", "RANK", "LOCAL_RANK"
 LOCAL_WORLD_ENV = "LOCAL_WORLD_SIZE"
@@ -99,10 +104,10 @@ def init_from_env(device: Optional[str]) -> Shard:
     if chosen.device.type == "cuda":
         torch.cuda.set_device(chosen.device)  # before the process group, so NCCL uses this GPU
     if not dist.is_initialized():
-        dist.init_process_group(chosen.backend)
+        dist.init_process_group(chosen.backend, timeout=GATHER_TIMEOUT)
     # Results travel over a gloo group of their own, whatever the default backend: the same
     # code then runs on CPU ranks (tested) and GPU ranks.
-    return Shard(rank, world, local_rank, chosen.device, dist.new_group(backend="gloo"))
+    return Shard(rank, world, local_rank, chosen.device, dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT))
 
 
 def owned_indices(n: int, batch: int, shard: Shard) -> list[int]:

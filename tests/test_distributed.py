@@ -60,6 +60,30 @@ def test_world_size_without_rank_is_one_clear_error(monkeypatch):
         init_from_env("cpu")
 
 
+def test_init_sets_the_device_first_and_gathers_over_gloo(monkeypatch):
+    """init_from_env under torchrun's environment, the process-group calls recorded: the CUDA
+    device is made current before the process group starts, results get a gloo group of their
+    own, and both groups wait GATHER_TIMEOUT (not torch's 30 minutes) at the final gather."""
+    import tagclip.distributed as D
+
+    calls = []
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(D.dist, "init_process_group", lambda backend, timeout: calls.append(("init", backend, timeout)))
+    monkeypatch.setattr(D.dist, "new_group", lambda backend, timeout: calls.append(("group", backend, timeout)) or "g")
+    monkeypatch.setattr(D.torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    monkeypatch.setattr(D.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(D, "resolve_device", lambda device: torch.device(device))  # no GPU to check here
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    shard = init_from_env("cuda")
+    assert calls == [("set_device", "cuda:1"), ("init", "nccl", D.GATHER_TIMEOUT), ("group", "gloo", D.GATHER_TIMEOUT)]
+    assert shard == Shard(1, 2, 1, torch.device("cuda", 1), "g")
+    assert D.GATHER_TIMEOUT.total_seconds() >= 12 * 3600
+    calls.clear()
+    assert init_from_env("cpu").device == torch.device("cpu")
+    assert calls == [("init", "gloo", D.GATHER_TIMEOUT), ("group", "gloo", D.GATHER_TIMEOUT)]
+
+
 def test_one_process_shard_resolves_the_device(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     shard = init_from_env("cpu")
