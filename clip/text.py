@@ -3,13 +3,18 @@
 Both come from ``open_clip``: its BPE tokenizer is identical to OpenAI's (start/end tokens
 49406/49407, context 77) and ``OPENAI_IMAGENET_TEMPLATES`` are the 80 ImageNet templates in
 OpenAI's order.
+
+Text longer than the context is an error (:class:`TextTooLongError`), as in the authors' code
+(OpenAI's ``clip.tokenize`` raises unless told to truncate): a cut prompt would silently give
+a class an embedding of some other text.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Sequence, Union
 
 import torch
-from open_clip import tokenize as _open_clip_tokenize
+from open_clip.tokenizer import SimpleTokenizer
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 CONTEXT_LENGTH = 77
@@ -29,7 +34,42 @@ SCENE_TEMPLATES: tuple[str, ...] = (
 TAGCLIP_TEMPLATES: tuple[str, ...] = IMAGENET_TEMPLATES + SCENE_TEMPLATES
 
 
-def tokenize(texts: Sequence[str], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
-    """(len(texts), context_length) int64 token ids, zero padded; overlong text is cut and
-    ends with the end token."""
-    return _open_clip_tokenize(list(texts), context_length=context_length)
+class TextTooLongError(ValueError):
+    """A text whose tokens (start and end token included) do not fit the context."""
+
+    def __init__(self, text: str, n_tokens: int, context_length: int):
+        self.text = text
+        self.n_tokens = n_tokens
+        self.context_length = context_length
+        super().__init__(f"{text!r} is {n_tokens} tokens long (start and end tokens included); "
+                         f"CLIP's context holds {context_length}")
+
+    def __reduce__(self):  # picklable across process pools
+        return (type(self), (self.text, self.n_tokens, self.context_length))
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe() -> SimpleTokenizer:
+    return SimpleTokenizer()
+
+
+def token_ids(text: str) -> list[int]:
+    """Token ids of ``text`` with the start and end tokens, uncut."""
+    return [SOT_TOKEN] + _bpe().encode(text) + [EOT_TOKEN]
+
+
+def tokenize(texts: Union[str, Sequence[str]], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """(len(texts), context_length) int64 token ids, zero padded.
+
+    Raises :class:`TextTooLongError` (a ValueError) for the first text that does not fit, before
+    anything is returned: text is never cut."""
+    if isinstance(texts, str):
+        texts = [texts]
+    rows = [token_ids(t) for t in texts]
+    for text, ids in zip(texts, rows):
+        if len(ids) > context_length:
+            raise TextTooLongError(text, len(ids), context_length)
+    out = torch.zeros(len(rows), context_length, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out

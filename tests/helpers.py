@@ -1,9 +1,10 @@
 """Shared test helpers: fixture paths, the tiny golden CLIP model, golden arrays and random
 OpenAI-layout state dicts.
 
-Everything reads from ``tests/fixtures`` only. The golden set was produced by the ORIGINAL
-TagCLIP code on CPU with the tiny float16 checkpoint ``tiny_clip_fp16.npz`` (see
-/work/shared/golden/manifest.json, copied bits live in ``fixtures/golden``).
+Everything reads from ``tests/fixtures`` unless it says otherwise. The golden set was produced
+by the ORIGINAL TagCLIP code on CPU with the tiny float16 checkpoint ``tiny_clip_fp16.npz``
+(see ``golden/manifest.json`` in the project's shared folder, :data:`SHARED_GOLDEN`, the
+folder ``shared`` next to the repository; copied bits live in ``fixtures/golden``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ GOLDEN_REFERENCE = GOLDEN / "reference"
 GOLDEN_INPUTS = GOLDEN / "inputs"
 TINY_CHECKPOINT = GOLDEN / "tiny_clip_fp16.npz"
 TINY_CHECKPOINT_SHA256 = "16582a9f81777694513c3a725d3b97fb79c6744ad5ebd948168d25b1e6dcf81e"
+REPO_ROOT = TESTS_DIR.parent
+# The project's shared folder sits next to the repository: <repo>/../shared.
+SHARED = REPO_ROOT.parent / "shared"
+SHARED_GOLDEN = SHARED / "golden"
 
 # SPEC §3 / issue: every score within 1e-5 absolute OR 1e-4 relative of the reference.
 SCORE_ATOL = 1e-5
@@ -53,6 +58,19 @@ def tiny_model():
 
 
 # ----------------------------------------------------------------------------- golden data
+
+def require_fixture(path: Path) -> Path:
+    """``path`` if it exists; otherwise the calling test FAILS (never skips), naming the path.
+
+    For fixtures outside ``tests/fixtures`` (the shared golden folder): a missing fixture is a
+    broken checkout, not a reason to test less."""
+    if not Path(path).exists():
+        import pytest
+
+        pytest.fail(f"missing test fixture {path} (the shared golden folder is expected at "
+                    f"{SHARED_GOLDEN}, next to the repository)", pytrace=False)
+    return Path(path)
+
 
 @functools.lru_cache(maxsize=None)
 def golden_npz(dataset: str) -> dict[str, np.ndarray]:

@@ -56,10 +56,6 @@ VARIANTS = {
     "cocostuff_gtlabels": ("cocostuff", "COCOSTUFF", ("split", "COCOSTUFF/split_171.txt")),
 }
 
-pytestmark = pytest.mark.skipif(not helpers.TINY_CHECKPOINT.is_file(),
-                                reason=f"missing fixture {helpers.TINY_CHECKPOINT}")
-
-
 # ----------------------------------------------------------------------------- golden helpers
 
 

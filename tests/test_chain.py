@@ -19,7 +19,9 @@ SIZES = [(96, 64), (64, 80), (304, 64), (48, 48)]  # (W, H); 304x64 has exactly 
 
 
 def _run(script, *args, env):
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+    # Run from the data folder (TAGCLIP_CACHE's parent), never from the repository.
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=Path(env["TAGCLIP_CACHE"]).parent,
+                          env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -3,6 +3,7 @@ with the reference's eval_cam_with_crf.py on the golden CAMs."""
 from __future__ import annotations
 
 import numpy as np
+import pydensecrf.densecrf as pydensecrf  # pydensecrf2 is a hard requirement (requirements.txt)
 import pytest
 
 import eval_helpers as eh
@@ -12,7 +13,6 @@ from clip_es.evaluation import SegEvaluator, read_bgr, read_cam, read_gt
 from clip_es.masks import apply_confidence_threshold
 from tagclip.registry import get_eval_config
 
-pydensecrf = pytest.importorskip("pydensecrf.densecrf")
 VOC = get_eval_config("voc2012")
 STUFF = get_eval_config("cocostuff")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -333,11 +334,16 @@ def test_cocostuff_bad_values(tmp_path):
         datasets.prepare_cocostuff(tmp_path)
 
 
+def _module_env() -> dict:
+    """``python -m tagclip.datasets`` from a temporary folder: the repository on the path."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+
+
 def test_cocostuff_check_and_cli_module(tmp_path):
     root = make_stuff(tmp_path / "stuff", {"a": [[1]]})
     proc = subprocess.run([sys.executable, "-m", "tagclip.datasets", "prepare", "--dataset", "cocostuff",
                            "--root", str(root), "--out", str(tmp_path / "v.txt"), "--check", "--all_images"],
-                          cwd=REPO_ROOT, capture_output=True, text=True)
+                          cwd=tmp_path, env=_module_env(), capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("error: check failed: cocostuff split has 1 images, the official release "
                                    "gives 5000; is --root the complete official dataset?")
@@ -349,7 +355,7 @@ def test_cocostuff_default_reads_the_shipped_subset(tmp_path):
     root = make_stuff(tmp_path / "stuff", {"000000000285": [[1]]})
     proc = subprocess.run([sys.executable, "-m", "tagclip.datasets", "prepare", "--dataset", "cocostuff",
                            "--root", str(root), "--out", str(tmp_path / "v.txt")],
-                          cwd=REPO_ROOT, capture_output=True, text=True)
+                          cwd=tmp_path, env=_module_env(), capture_output=True, text=True)
     assert proc.returncode == 2
     png = root / "val2017" / "000000000139.png"
     subset = REPO_ROOT / "imageset" / "cocostuff" / "val.txt"

@@ -15,7 +15,7 @@ from PIL import Image
 
 import eval_helpers as eh
 from clip_es.eval_cli import eval_cam_main, eval_crf_main
-from clip_es.evaluation import SegEvaluator, predict, read_gt, select_threshold, threshold_candidates
+from clip_es.evaluation import SegEvaluator, predict, read_gt
 from clip_es.masks import voc_colormap
 from tagclip.registry import get_eval_config
 
@@ -142,17 +142,69 @@ def test_confidence_threshold_masks(cam_dirs, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- threshold search
 
-def test_constant_threshold_search(cam_dirs, tmp_path, capsys):
+# Constant background thresholds (cam_eval_thres < 1) are 0.05, 0.10, ..., 0.60. One CAM pixel
+# sits halfway between every two neighbours and at both ends: 0.025, 0.075, ..., 0.625 (13
+# pixels; float16 moves them by < 3e-4, far less than the 0.025 margins). A pixel is class 1
+# when its CAM beats the constant background (strictly; argmax takes the background on ties).
+MIDPOINTS = [round(0.025 + 0.05 * k, 3) for k in range(13)]
+
+
+def _cam_and_gt_folder(root: Path, cam_row, gt_row) -> list[str]:
+    """One-image VOC folder: a 1xW CAM with key 0 (label 1) and a 1xW GT of 0/1."""
+    for sub in ("cams", "gt"):
+        (root / sub).mkdir(parents=True)
+    cam = np.asarray(cam_row, np.float16)[None, None, :]
+    np.save(root / "cams" / "a.npy", {"keys": np.array([0]), "attn_highres": cam})
+    Image.fromarray(np.asarray(gt_row, np.uint8)[None, :]).save(root / "gt" / "a.png")
+    (root / "split.txt").write_text("a 0\n")
+    return ["--dataset", "voc2012", "--cam_out_dir", str(root / "cams"), "--gt_root", str(root / "gt"),
+            "--split_file", str(root / "split.txt"), "--cam_eval_thres", "0.5"]
+
+
+def _printed_mious(out: str) -> dict[float, float]:
+    pairs = [line.split(", mIoU:") for line in out.splitlines() if line.startswith("thres:")]
+    return {float(t[len("thres:"):]): float(m) for t, m in pairs}
+
+
+def test_constant_threshold_search_finds_the_threshold_the_gt_was_cut_at(tmp_path, capsys):
+    """GT = CAM > 0.3, so thres 0.3 reproduces it exactly (mIoU 1) and every other candidate
+    misclassifies at least the pixel between it and 0.3."""
+    gt = [1 if v > 0.3 else 0 for v in MIDPOINTS]  # background: 0.025..0.275 (6 px), class 1: 7 px
     scores = tmp_path / "s.json"
-    assert eval_cam_main(_cam_args("voc2012_gtlabels", cam_dirs["voc2012_gtlabels"], "--cam_eval_thres", "0.5",
-                                   "--save_scores", str(scores))) == 0
-    out = capsys.readouterr().out
-    tried = [line for line in out.splitlines() if line.startswith("thres:")]
-    assert [line.split(",")[0] for line in tried] == [f"thres:{t}" for t in threshold_candidates(0.5)]
-    mious = [(t, float(line.split("mIoU:")[1])) for t, line in zip(threshold_candidates(0.5), tried)]
+    assert eval_cam_main(_cam_and_gt_folder(tmp_path, MIDPOINTS, gt) + ["--save_scores", str(scores)]) == 0
+    mious = _printed_mious(capsys.readouterr().out)
+    assert list(mious) == [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6]
+    # thres 0.3: prediction == GT -> IoU 1 for background and class 1
+    assert mious[0.3] == 1.0
+    # thres 0.25: the 0.275 pixel turns class 1; background 5 / 6, class 1 7 / 8
+    #   mIoU = (5/6 + 7/8) / 2 = (40 + 42) / 96 = 41/48
+    assert mious[0.25] == pytest.approx(41 / 48, abs=1e-12)
+    # thres 0.35: the 0.325 pixel turns background; background 6 / 7, class 1 6 / 7 -> 6/7
+    assert mious[0.35] == pytest.approx(6 / 7, abs=1e-12)
+    # thres 0.05: only 0.025 is background: background 1 / 6, class 1 7 / 12
+    #   mIoU = (1/6 + 7/12) / 2 = (2 + 7) / 24 = 3/8
+    assert mious[0.05] == pytest.approx(3 / 8, abs=1e-12)
+    # thres 0.6: only 0.625 is class 1: background 6 / 12, class 1 1 / 7
+    #   mIoU = (1/2 + 1/7) / 2 = 9/28
+    assert mious[0.6] == pytest.approx(9 / 28, abs=1e-12)
     got = json.loads(scores.read_text())
-    assert got["thres"] == select_threshold(mious)
-    assert got["Mean IoU"] == pytest.approx(max(m for _, m in mious))
+    assert got["thres"] == 0.3
+    assert got["Mean IoU"] == 1.0
+
+
+def test_constant_threshold_search_keeps_the_first_of_equal_best(tmp_path, capsys):
+    """Without the 0.275 pixel, thres 0.25 and 0.3 both reproduce GT = CAM > 0.3 (mIoU 1):
+    the first tried, 0.25, is chosen."""
+    cams = [v for v in MIDPOINTS if v != 0.275]
+    gt = [1 if v > 0.3 else 0 for v in cams]
+    scores = tmp_path / "s.json"
+    assert eval_cam_main(_cam_and_gt_folder(tmp_path, cams, gt) + ["--save_scores", str(scores)]) == 0
+    mious = _printed_mious(capsys.readouterr().out)
+    assert mious[0.25] == mious[0.3] == 1.0
+    assert mious[0.2] < 1.0 and mious[0.35] < 1.0
+    got = json.loads(scores.read_text())
+    assert got["thres"] == 0.25
+    assert got["Mean IoU"] == 1.0
 
 
 def _synthetic_voc(root: Path, cam_value: float, gt_value: int = 1, size=(4, 6)):

@@ -145,6 +145,15 @@ def test_label_file_lines_rel_and_all_zero():
     assert label_file_lines(["x", "y"], scores, 0.5) == ["x 2", "y 0"]
 
 
+def test_label_file_threshold_is_float32():
+    # [0.2, 0.9, 0.55] at rel 0.5, float32 steps: 0.9f - 0.2f = 0.69999997317790985 -> f32
+    # 0.69999998807907104; * 0.5 = 0.34999999403953552; + 0.2f (0.20000000298023224) =
+    # 0.54999999701976776 -> f32 0.55000001192092896 = f32(0.55), the third score itself, which
+    # is therefore not above it. (float64 on the same inputs: 0.5499999895691872, below it.)
+    scores = torch.tensor([[0.2, 0.9, 0.55]], dtype=torch.float32)
+    assert label_file_lines(["x"], scores, 0.5) == ["x 1"]
+
+
 def test_label_file_name():
     assert label_file_name("voc2012") == "voc2012_val_tagclip.txt"
     assert label_file_name("cocostuff") == "cocostuff_val_tagclip.txt"

@@ -58,13 +58,25 @@ def test_class_without_positives_counts_as_zero_in_mean():
     assert mean_average_precision(scores, labels) == pytest.approx(11 / 18, abs=1e-7)
 
 
-def test_mean_is_float32_torch_mean():
-    scores = torch.rand(7, 5, generator=torch.Generator().manual_seed(0))
-    labels = (torch.rand(7, 5, generator=torch.Generator().manual_seed(1)) > 0.5).float()
-    ap = average_precision(scores, labels)
+def test_mean_is_a_float32_mean():
+    # class 0: its positive (image 0) ranks 1st -> AP 1
+    # classes 1, 2: their positive (image 2) ranks 3rd of 3 -> precision 1/3 -> AP 1/3, which
+    #   float32 holds as 0.3333333432674407958984375 (np.float32(1) / np.float32(3))
+    scores = f32([[0.9, 0.9, 0.9], [0.5, 0.5, 0.5], [0.1, 0.1, 0.1]])
+    labels = torch.tensor([[1, 0, 0], [0, 0, 0], [0, 1, 1]])
+    assert average_precision(scores, labels).tolist() == [1.0, 0.3333333432674407958984375,
+                                                          0.3333333432674407958984375]
+    # float32 mean, step by step (np.float32 arithmetic; both summation orders agree):
+    #   1 + 0.33333334326744079590           = 1.33333334326744079590 -> f32 1.33333337306976318359
+    #   1.33333337306976318359 + 0.33333334326744079590 = 1.66666671633720397949
+    #                                                                   -> f32 1.66666674613952636719
+    #   1.66666674613952636719 / 3 = 0.55555558204650878906             -> f32 (exact) 0.5555555820465087890625
+    # The float64 mean of the same three float32 APs is 0.5555555621782938 and 5/9 is
+    # 0.5555555555555556: both differ from the float32 result.
     result = mean_average_precision(scores, labels)
     assert isinstance(result, float)
-    assert result == float(torch.mean(ap))
+    assert result == 0.5555555820465087890625
+    assert result != (1.0 + 2 * 0.3333333432674407958984375) / 3
 
 
 def test_ties_follow_torch_sort_order():
@@ -93,15 +105,49 @@ def test_all_positive_class_is_one_and_shape_errors():
 # --------------------------------------------------------------------------- thresholds / F1
 
 
-def test_relative_thresholds_float32_form():
-    scores = f32([[0.0, 0.5, 1.0], [0.2, 0.4, 0.3]])
+def test_relative_thresholds_hand_computed():
+    # [0.0, 0.5, 1.0]: 0 + 0.5 * (1 - 0) = 0.5 and 0 + 0.1 * 1 = 0.1 (float32 0.1)
+    # [0.2, 0.4, 0.3]: 0.2 + 0.5 * (0.4 - 0.2) = 0.3 (float32 arithmetic, see below)
+    # [0.2, 0.9, 0.5]: 0.2 + 0.5 * (0.9 - 0.2) = 0.2 + 0.35 = 0.55
+    scores = f32([[0.0, 0.5, 1.0], [0.2, 0.4, 0.3], [0.2, 0.9, 0.5]])
     thr = relative_thresholds(scores, 0.5)
-    assert thr.dtype == torch.float32
-    ma = scores.max(dim=1)[0]
-    mi = scores.min(dim=1)[0]
-    assert torch.equal(thr, mi + 0.5 * (ma - mi))
+    assert thr.dtype == torch.float32 and thr.shape == (3,)
     assert thr[0].item() == 0.5
-    assert relative_thresholds(scores, 0.1)[0].item() == pytest.approx(0.1, abs=1e-7)
+    assert thr[1].item() == pytest.approx(0.3, abs=1e-7)
+    assert thr[2].item() == pytest.approx(0.55, abs=1e-7)
+    assert relative_thresholds(scores, 0.1)[0].item() == np.float32(0.1)
+    # rows are independent: one image's threshold ignores the others
+    assert relative_thresholds(scores[2:], 0.5)[0].item() == thr[2].item()
+
+
+def test_relative_threshold_is_float32_arithmetic():
+    # Row [0.2, 0.9, 0.5] at rel 0.5, every step rounded to float32 as the reference does:
+    #   f32(0.9) = 0.89999997615814208984, f32(0.2) = 0.20000000298023223877
+    #   max - min = 0.69999997317790985107 -> f32 0.69999998807907104492 (neighbour below
+    #               0.69999992847442626953 is 4.5e-8 away, this one 1.5e-8)
+    #   0.5 * that = 0.34999999403953552246 (exact)
+    #   min + that = 0.54999999701976776123 -> f32 0.55000001192092895508 (the float32 below,
+    #               0.54999995231628417969, is 4.5e-8 away; this one 1.5e-8)
+    # The same formula in float64 on the float32 inputs gives 0.5499999895691872.
+    thr = relative_thresholds(f32([[0.2, 0.9, 0.5]]), 0.5)
+    assert thr.item() == 0.550000011920928955078125
+    assert thr.item() != 0.5499999895691872
+
+
+def test_score_equal_to_the_float32_threshold_is_not_predicted():
+    # Row [0.2, 0.9, 0.55]: its float32 threshold is f32(0.55) = 0.55000001192092895508 (see
+    # above), exactly the third score -> not predicted (strict '>'). In float64 the threshold
+    # would be 0.5499999895691872 < 0.55000001192 and class 2 would count as predicted.
+    scores = f32([[0.2, 0.9, 0.55]])
+    labels = torch.tensor([[0, 1, 1]])
+    f1, p, r = f1_overall(scores, labels, 0.5)
+    # predicted {1}: TP = 1 (class 1), FP = 0, FN = 1 (class 2)
+    # P = 1 / (1 + 1e-9) -> f32 1.0 (1e-9 is below half a float32 ulp of 1, 6e-8)
+    # R = 1 / (2 + 1e-9) -> f32 0.5
+    # F1 = 2 * 1 * 0.5 / 1.5 = 2/3 -> f32 0.66666668653488159180
+    assert p == 1.0
+    assert r == 0.5
+    assert f1 == 0.666666686534881591796875
 
 
 def test_f1_hand_computed():
@@ -115,11 +161,16 @@ def test_f1_hand_computed():
     assert p == pytest.approx(0.5, abs=1e-7)
     assert r == pytest.approx(2 / 3, abs=1e-7)
     assert f1 == pytest.approx(4 / 7, abs=1e-7)
-    # float32 semantics: exactly what the float32 formula gives
-    p32 = torch.tensor(2, dtype=torch.int64) / (torch.tensor(4) + F1_EPS)
-    r32 = torch.tensor(2, dtype=torch.int64) / (torch.tensor(3) + F1_EPS)
-    assert p32.dtype == torch.float32
-    assert (f1, p, r) == (float(2 * p32 * r32 / (p32 + r32)), float(p32), float(r32))
+    # float32 semantics, step by step (eps = 1e-9 is below half a float32 ulp of 3 and 4):
+    #   P = 2 / f32(4 + 1e-9) = 2 / 4 = 0.5
+    #   R = 2 / f32(3 + 1e-9) = 2 / 3 -> f32 0.666666686534881591796875
+    #   2 * P * R = 0.666666686534881591796875 (exact)
+    #   P + R = 1.166666686534881591796875 -> f32 1.1666667461395263671875 (a tie between two
+    #           float32 neighbours, rounded to the even one)
+    #   F1 = 0.666666686534881591796875 / 1.1666667461395263671875 = 0.571428536... -> f32
+    #        0.5714285373687744140625 (4/7 = 0.571428571428...: 3.4e-8 away)
+    assert F1_EPS == 1e-9
+    assert (f1, p, r) == (0.5714285373687744140625, 0.5, 0.666666686534881591796875)
 
 
 def test_score_equal_to_threshold_is_negative():

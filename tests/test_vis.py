@@ -170,7 +170,6 @@ def test_no_global_backend_change(tmp_path):
 
 # ----------------------------------------------------------------------------- command lines
 
-@pytest.mark.skipif(not TINY.is_file(), reason=f"missing fixture {TINY}")
 def test_classify_and_generate_cams_vis_dir(tmp_path, capsys):
     from clip_es.cli import generate_cams_main
     from tagclip.cli import classify_main
