@@ -247,3 +247,32 @@ def test_write_guard_snapshots_see_created_removed_and_modified_files(tmp_path):
     listing = conftest.snapshot_listing(root)
     (root / "new.txt").write_text("")
     assert conftest.snapshot_changes(listing, conftest.snapshot_listing(root)) == ["created new.txt"]
+
+
+# ----------------------------------------------------------------------------- vocabulary checks
+
+@pytest.mark.parametrize("names,background,message", [
+    (["cat", "dog", "cat"], [], "class name 'cat' is listed twice"),
+    (["cat", " dog ", "dog"], [], "class name 'dog' is listed twice"),     # names are compared stripped
+    (["cat", "", "dog"], [], "class name 2 of 3 is empty"),
+    (["cat", "   "], [], "class name 2 of 2 is empty"),
+    ([], [], "no class names given"),
+    (["cat", "dog"], ["sky", "dog"], "background word 'dog' is also a class name"),
+    (["cat"], ["sky", "sky"], "background word 'sky' is listed twice"),
+    (["cat"], ["sky", ""], "background word 2 of 2 is empty"),
+])
+def test_tagger_rejects_a_bad_vocabulary_before_any_encoding(names, background, message, tiny_model, monkeypatch):
+    import tagclip.tagger as T
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("text was encoded before the vocabulary was checked")
+
+    monkeypatch.setattr(T, "class_embeddings", no_encoding)
+    with pytest.raises(ValueError) as info:
+        Tagger(tiny_model, names, background)
+    assert str(info.value) == message
+
+
+def test_tagger_rejects_a_batch_size_below_one(tiny_model):
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        Tagger(tiny_model, ["cat"], batch_size=0)
