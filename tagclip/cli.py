@@ -79,8 +79,8 @@ def parse_word_list(value: Optional[str]) -> list[str]:
     return words
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by ``classify.py`` and ``tagclip tag``."""
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model flags of every tagging command (``classify.py``, ``tagclip tag``, ``tagclip segment``)."""
     p.add_argument("--model_path", default="ViT-B/16",
                    help="OpenAI model name (downloaded to the cache, SHA256 checked) or a checkpoint file "
                         "(TorchScript archive, state dict or .npz)")
@@ -90,6 +90,25 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "attention maps, LayerNorms and every TagCLIP step after the forwards stay float32 "
                         "(bf16: mean score drift ~1e-3 on the test fixtures, a crop or box threshold can flip; "
                         "see README 'Precision')")
+    p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
+    p.add_argument("--no_text_cache", action="store_true", help="do not read or write cached text features")
+
+
+def add_image_arguments(p: argparse.ArgumentParser) -> None:
+    """How images are batched, read and skipped, in every tagging command."""
+    p.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                   help="images of equal size per forward pass (default %(default)s)")
+    p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
+                   help="on an image that cannot be read: stop at once (default) or skip it and report at "
+                        "the end (exit status 1)")
+    p.add_argument("--max_side", type=max_side_value, default=DEFAULT_MAX_SIDE,
+                   help="downscale larger images to this longest side first (default %(default)s: "
+                        "leaves every VOC/COCO image untouched)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``classify.py`` and ``tagclip tag``."""
+    add_model_arguments(p)
     p.add_argument("--classes", default=None,
                    help="open vocabulary: a file with one class name per line, or 'cat,dog,sofa'")
     p.add_argument("--background", default=None,
@@ -98,19 +117,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores_out", default=None,
                    help="write the score matrix: .npy (float32, rows in split order), "
                         ".csv (header of class names) or .json ({id: {class: score}})")
-    p.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                   help="images of equal size per forward pass (default %(default)s)")
-    p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
-                   help="on an unreadable image: stop at once (default) or skip it and report at the end")
+    add_image_arguments(p)
     p.add_argument("--exif_transpose", action="store_true",
                    help="honour EXIF orientation (off by default, as the reference and the dataset annotations)")
     p.add_argument("--workers", type=non_negative_int, default=0,
                    help="image-decoding worker processes (default 0: one background thread)")
-    p.add_argument("--max_side", type=max_side_value, default=DEFAULT_MAX_SIDE,
-                   help="downscale larger images to this longest side first (default %(default)s: "
-                        "leaves every VOC/COCO image untouched)")
-    p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
-    p.add_argument("--no_text_cache", action="store_true", help="do not read or write cached text features")
     p.add_argument("--vis_dir", default=None,
                    help="also draw pictures into this folder: {id}.png (the image with its tags and scores) "
                         "and, with labels in the split file, ap_per_class.png (default: none)")

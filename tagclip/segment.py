@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import InputError
-from .images import DEFAULT_MAX_SIDE, iter_image_files, load_model_input
+from .images import iter_image_files, load_model_input
 from .labels import write_scores, write_text_atomic
 from .registry import COCO_AFFINITY_LAYERS, COCO_CAM_BOX_THRESHOLD, CamConfig, EvalConfig
 from .vocab import COCO_STUFF_CAM_BACKGROUND
@@ -38,8 +38,7 @@ LEGEND_SCORE_DIGITS = 6
 
 
 def add_segment_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import DEFAULT_PRECISION, PRECISION_CHOICES, max_side_value, positive_int
-    from .tagger import DEFAULT_BATCH_SIZE
+    from .cli import add_image_arguments, add_model_arguments
 
     p.add_argument("img_root", help="image folder (every image in it is segmented)")
     p.add_argument("--classes", default=None, help="your class names: a file with one per line, or 'cat,dog,sofa'")
@@ -47,27 +46,15 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
                    help="background words (file or comma list): compete in both softmaxes, never reported "
                         "(default: none for tagging, the word 'background' for the CAMs)")
     p.add_argument("--out", default=DEFAULT_OUT,
-                   help="output folder: masks/, overlays/, cams/ and classes.json (default %(default)s)")
+                   help="output folder: masks/, overlays/, cams/ and classes.json (default %(default)s); "
+                        "masks are written at each file's own size")
     p.add_argument("--crf", action="store_true", help="refine the masks with the dense CRF")
     p.add_argument("--confidence_threshold", type=float, default=None,
                    help="pixels whose winning score is below this become 255 (ignored by trainers)")
     p.add_argument("--scores_out", default=None,
                    help="also write every image's tag scores: .npy, .csv (header of class names) or .json")
-    p.add_argument("--model_path", default="ViT-B/16",
-                   help="OpenAI model name (downloaded to the cache, SHA256 checked) or a checkpoint file")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
-                   help="model weights in float32 (default), float16 or bfloat16 (README 'Precision')")
-    p.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                   help="images of equal size per tagging forward pass (default %(default)s)")
-    p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
-                   help="on an image that cannot be read or segmented: stop at once (default) or skip it "
-                        "and report at the end (exit status 1)")
-    p.add_argument("--max_side", type=max_side_value, default=DEFAULT_MAX_SIDE,
-                   help="downscale larger images to this longest side before the model (default %(default)s); "
-                        "masks are still written at the file's own size")
-    p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
-    p.add_argument("--no_text_cache", action="store_true", help="do not read or write cached text features")
+    add_model_arguments(p)
+    add_image_arguments(p)
 
 
 def run_segment(args) -> int:
