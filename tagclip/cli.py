@@ -73,10 +73,20 @@ def parse_word_list(value: Optional[str]) -> list[str]:
         words = [w.strip() for w in value.split(",") if w.strip()]
         if not words:
             raise InputError(value, "no class names given")
-    if len(set(words)) != len(words):
-        dup = next(w for w in words if words.count(w) > 1)
-        raise InputError(value, f"class name {dup!r} is listed twice")
     return words
+
+
+def user_vocabulary(classes: Optional[str], background: Optional[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``--classes`` and ``--background`` read and checked (:func:`tagclip.tagger.check_vocabulary`);
+    a problem is an InputError naming the flag's value (the file or the list) it is in."""
+    try:
+        names, _ = check_vocabulary(parse_word_list(classes))
+    except ValueError as err:
+        raise InputError(classes, str(err)) from None
+    try:
+        return check_vocabulary(names, parse_word_list(background))
+    except ValueError as err:
+        raise InputError(background, str(err)) from None
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -144,12 +154,8 @@ def classify_parser() -> argparse.ArgumentParser:
 class _Vocabulary:
     def __init__(self, args):
         self.dataset = get_dataset(args.dataset)
-        custom = parse_word_list(args.classes)
-        if custom:
-            try:
-                self.names, self.background = check_vocabulary(custom, parse_word_list(args.background))
-            except ValueError as err:
-                raise InputError(args.background or args.classes, str(err)) from None
+        if args.classes:
+            self.names, self.background = user_vocabulary(args.classes, args.background)
             self.label_map, self.label_file = None, CUSTOM_LABEL_FILE
         else:
             if args.background:

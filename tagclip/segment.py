@@ -65,16 +65,13 @@ def run_segment(args) -> int:
     from clip_es.evaluation import predict, read_bgr
     from clip_es.masks import write_label_png
 
-    from .cli import load_model, parse_word_list, report_failures
-    from .tagger import Tagger, check_vocabulary
+    from .cli import load_model, report_failures, user_vocabulary
+    from .tagger import Tagger
     from .vis import mask_comparison
 
     if not args.classes:
         raise InputError("--classes", "tagclip segment needs your class names (--classes 'cat,dog' or a file)")
-    try:
-        names, background = check_vocabulary(parse_word_list(args.classes), parse_word_list(args.background))
-    except ValueError as err:
-        raise InputError(args.background or args.classes, str(err)) from None
+    names, background = user_vocabulary(args.classes, args.background)
     files = iter_image_files(args.img_root)
     model = load_model(args.model_path, args.device, args.precision, args.model_cache)
     tagger = Tagger(model, names, background, use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
