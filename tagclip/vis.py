@@ -265,8 +265,12 @@ def bar_chart(names: Sequence[str], values: Sequence[float], title: str, out_pat
     if len(names) != len(vals):
         raise ValueError(f"{len(names)} names but {len(vals)} values")
     n = len(names)
-    height_in = BAR_EXTRA_IN + BAR_ROW_IN * max(n, 3)
-    fig = Figure(figsize=(BAR_WIDTH_IN, height_in), dpi=DPI, facecolor="white", layout="constrained")
+    width_px = round(BAR_WIDTH_IN * DPI)
+    height_px = round((BAR_EXTRA_IN + BAR_ROW_IN * max(n, 3)) * DPI)
+    # matplotlib truncates the canvas to whole pixels (3.11.1 and later round within 1e-8 px), and
+    # height_px / DPI * DPI can land just below height_px: a hundredth of a pixel more is asked for.
+    fig = Figure(figsize=((width_px + 0.01) / DPI, (height_px + 0.01) / DPI), dpi=DPI,
+                 facecolor="white", layout="constrained")
     ax = fig.add_subplot()
     missing = np.isnan(vals)
     shown = np.where(missing, 0.0, vals)
@@ -292,7 +296,6 @@ def bar_chart(names: Sequence[str], values: Sequence[float], title: str, out_pat
         ax.tick_params(axis="x", labeltop=True, top=True)
     ax.set_axisbelow(True)
     _save_figure(fig, out_path)
-    width_px, height_px = round(BAR_WIDTH_IN * DPI), round(height_in * DPI)
     return {"size": (width_px, height_px), "missing": [nm for nm, m in zip(names, missing) if m]}
 
 

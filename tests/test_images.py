@@ -221,7 +221,7 @@ def test_palette_png(tmp_path, transparent):
 
 
 def test_palette_with_alpha_mode_pa():
-    # Mode PA exists in every supported Pillow (>= 9.1; libImaging has had it since 2003), even
+    # Mode PA exists in every supported Pillow (>= 9.4; libImaging has had it since 2003), even
     # where ``Image.MODES`` does not list it (Pillow 9.x lists 12 modes, PA not among them).
     pa = _palette_image().convert("PA")
     assert pa.mode == "PA"
