@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -40,6 +40,25 @@ _SCORE_EXTENSIONS = (".npy", ".csv", ".json")
 _UTF8_BOM = b"\xef\xbb\xbf"
 # Permissions of a newly written file (mkstemp would leave 0600); an existing target keeps its own.
 _NEW_FILE_MODE = 0o644
+
+
+# Characters that would make an id name something other than one file inside the folder it
+# is joined to ({folder}/{id}{ext}): path separators of either platform and NUL.
+_ID_FORBIDDEN = {"/": "a '/'", "\\": "a '\\'", "\x00": "a NUL character"}
+
+
+def image_id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot be an image id, or None. Ids are joined to folders as
+    ``{folder}/{id}{ext}`` by every stage (images, CAM files, masks, pictures), so an id must be
+    one plain relative name: no path separator, not ``.`` or ``..``, no drive, no NUL."""
+    for char, what in _ID_FORBIDDEN.items():
+        if char in image_id:
+            return f"holds {what} (ids are plain file names, no folders)"
+    if image_id in (".", ".."):
+        return "is '.' or '..', not a file name"
+    if PureWindowsPath(image_id).drive:
+        return "starts with a drive, not a plain file name"
+    return None
 
 
 class SplitEntry(NamedTuple):
@@ -83,6 +102,8 @@ def read_split(
 ) -> list[SplitEntry]:
     """Parse a split file into :class:`SplitEntry` rows, in file order.
 
+    Every image id is checked once here (:func:`image_id_problem`): stages join ids to their
+    folders, so an id that is not one plain file name is an error naming the line.
     ``label_map`` (raw id -> class index) is applied to every label first; a raw id missing
     from it is an error. When ``num_classes`` is given, (mapped) labels must lie in
     ``[0, num_classes)``. Negative labels are always rejected. Blank lines are skipped; ids
@@ -97,6 +118,9 @@ def read_split(
         if not tokens:
             continue
         image_id, label_tokens = tokens[0], tokens[1:]
+        problem = image_id_problem(image_id)
+        if problem:
+            raise InputError(path, f"line {lineno}: image id {image_id!r} {problem}")
         if image_id in first_line_of:
             raise InputError(path, f"line {lineno}: duplicate image id {image_id}")
         first_line_of[image_id] = lineno
