@@ -28,8 +28,8 @@ from PIL import Image
 from clip.loading import checkpoint_sha256
 from clip.model import AttentionSchedule
 from tagclip import distributed
-from tagclip.cli import (DEFAULT_PRECISION, PRECISION_CHOICES, SPLIT_IMAGE_EXT, guarded, load_model, max_side_value,
-                         report_failures)
+from tagclip.cli import (DEFAULT_PRECISION, PRECISION_CHOICES, SPLIT_IMAGE_EXT, check_outputs, guarded, load_model,
+                         max_side_value, report_failures)
 from tagclip.errors import InputError
 from tagclip.images import DEFAULT_MAX_SIDE, load_model_input
 from tagclip.journal import CamJournal, file_stamp, run_key
@@ -155,10 +155,7 @@ def _run_generate_cams(args, shard: distributed.Shard) -> int:
     entries = read_label_file(args.split_file, args.dataset, len(cfg.class_names))
     entries = [entries[i] for i in distributed.owned_indices(len(entries), 1, shard)]
     out_dir = Path(args.cam_out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(out_dir, f"cannot create output folder ({err.strerror or err})") from None
+    check_outputs(out_dir, vis_dir=args.vis_dir)
     device = shard.device
     print(device)
     print(f">>>>generating {args.split_file}")

@@ -24,6 +24,7 @@ from tagclip import distributed
 from tagclip.cli import guarded, positive_int, report_failures
 from tagclip.errors import InputError
 from tagclip.journal import RESUME_DIR, HistJournal, cache_dir, file_stamp, run_key
+from tagclip.labels import writable_dir
 from tagclip.registry import EVAL_CONFIGS, EvalConfig, get_eval_config
 
 from .cams import cam_path
@@ -121,15 +122,14 @@ def _mask_path(mask_dir, image_id: str) -> Path:
     return Path(mask_dir) / f"{image_id}{MASK_EXT}"
 
 
-def _prepare_mask_dir(path) -> Path:
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise InputError(path, "pseudo-mask folder is a file") from None
-    except OSError as exc:
-        raise InputError(path, f"cannot create pseudo-mask folder ({exc.strerror or exc})") from None
-    return path
+def _check_outputs(args, mask_dir) -> Optional[Path]:
+    """The pseudo-mask folder (if any), --vis_dir and --save_scores' folder, checked writable
+    before any image is read; returns the mask folder."""
+    if args.save_scores:
+        writable_dir(Path(args.save_scores).parent, "scores folder")
+    if getattr(args, "vis_dir", None):
+        writable_dir(args.vis_dir, "picture folder")
+    return writable_dir(mask_dir, "pseudo-mask folder") if mask_dir else None
 
 
 def _scores_json(config: EvalConfig, scores: Scores, images: int, extra: dict) -> str:
@@ -216,7 +216,7 @@ def run_eval_cam(args) -> int:
     ids = _read_ids(args.split_file)
     check_dir(args.cam_out_dir, "CAM folder")
     check_dir(args.gt_root, "GT folder")
-    mask_dir = _prepare_mask_dir(args.pseudo_mask_save_path) if args.pseudo_mask_save_path else None
+    mask_dir = _check_outputs(args, args.pseudo_mask_save_path)
     print(f"{len(ids)} images to eval")
 
     # COCO-Stuff has no background channel, so there is no threshold to choose.
@@ -364,7 +364,7 @@ def _run_eval_crf(args, shard: distributed.Shard) -> int:
     check_dir(args.image_root, "image folder")
     if args.gt_root:
         check_dir(args.gt_root, "GT folder")
-    mask_dir = None if args.eval_only else _prepare_mask_dir(args.pseudo_mask_save_path)
+    mask_dir = _check_outputs(args, None if args.eval_only else args.pseudo_mask_save_path)
     if shard.is_main:
         print(f"{len(ids)} images to eval")
         print(f"# jobs: {args.jobs}" + (f" in each of {shard.world} processes" if shard.world > 1 else ""))

@@ -20,8 +20,8 @@ from . import distributed
 from .errors import InputError
 from .journal import ScoreJournal, file_stamp, run_key
 from .images import DEFAULT_MAX_SIDE, iter_image_files, load_model_input
-from .labels import SplitEntry, label_file_lines, label_file_name, labels_to_onehot, read_split, \
-    write_scores, write_text_atomic
+from .labels import SplitEntry, check_scores_path, label_file_lines, label_file_name, labels_to_onehot, read_split, \
+    writable_dir, write_scores, write_text_atomic
 from .metrics import f1_overall, format_metrics, mean_average_precision
 from .registry import DATASETS, get_dataset
 from .tagger import DEFAULT_BATCH_SIZE, Tagger, check_vocabulary
@@ -272,6 +272,7 @@ def run_classify(args) -> int:
 def _run_classify(args, shard: distributed.Shard) -> int:
     vocab = _Vocabulary(args)
     entries, paths = _image_list(args, vocab)
+    check_outputs(args.output_dir, args.scores_out, args.vis_dir)
     device = shard.device
     precision = args.precision
     if shard.is_main:
@@ -352,6 +353,17 @@ def write_pictures(vis_dir, entries: Sequence[SplitEntry], paths: Sequence[Path]
         vis.bar_chart(names, values, f"AP per class ({len(entries)} images; n/a: no positive image)",
                       Path(vis_dir) / "ap_per_class.png", xlabel="average precision")
     print(f">>>pictures written to {vis_dir}")
+
+
+def check_outputs(folder=None, scores_out=None, vis_dir=None) -> None:
+    """Every output location of a run checked before the model loads: one InputError line
+    naming the first that cannot be written (a file in the way, read-only, a bad extension)."""
+    if folder is not None:
+        writable_dir(folder)
+    if scores_out:
+        check_scores_path(scores_out)
+    if vis_dir:
+        writable_dir(vis_dir, "picture folder")
 
 
 def load_model(model_path: str, device, precision: str, cache_dir=None):

@@ -29,11 +29,14 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from .errors import InputError
 from .labels import atomic_writer
 
 MAGIC = "# tagclip-journal 3"
 CACHE_ENV = "TAGCLIP_CACHE"  # moves every cache of the toolkit (clip.loading reads it too)
 RESUME_DIR = "resume"
+# The longest record line a journal is read up to (a score row of 171 classes is about 4 KB).
+MAX_RECORD_CHARS = 1 << 20
 
 
 def cache_dir() -> Path:
@@ -76,14 +79,17 @@ class _Journal:
     def load(self, path: Optional[Path] = None) -> dict[str, tuple[str, Any]]:
         """Finished (stamp, value) per image id of a previous run with the same key ({} if
         none), from this journal's file or another ``path`` of the same kind."""
+        path = Path(path or self.path)
+        if not path.is_file():  # absent, or not a regular file (a device would read forever)
+            return {}
         try:
-            with open(path or self.path, encoding="utf-8") as f:
-                if f.readline() != self.header:
+            with open(path, encoding="utf-8") as f:
+                if f.readline(len(self.header)) != self.header:
                     return {}
                 done = {}
-                for line in f:
+                while line := f.readline(MAX_RECORD_CHARS):
                     if not line.endswith("\n"):
-                        break  # torn write
+                        break  # torn write, or a line no journal writes
                     parts = line[:-1].split("\t")
                     if len(parts) != 3:
                         break
@@ -100,10 +106,15 @@ class _Journal:
             f.write((self.header + "".join(lines)).encode("utf-8"))
 
     def append(self, ids: Iterable[str], stamps: Iterable[str], values: Iterable[Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.writelines(self._lines(ids, stamps, values))
-            f.flush()
-            os.fsync(f.fileno())
+        """Add finished records, on disk before this returns; a write failure (a full disk, a
+        folder gone read-only) is an InputError naming the journal."""
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.writelines(self._lines(ids, stamps, values))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise InputError(self.path, f"cannot write the resume journal ({exc.strerror or exc})") from None
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -223,6 +223,34 @@ def atomic_writer(path) -> Iterator[io.BufferedWriter]:
         raise
 
 
+def writable_dir(path, what: str = "output folder") -> Path:
+    """``path`` as a folder the run can write into, created if needed, checked before any work
+    starts (by creating and removing a temporary file in it); otherwise an InputError naming
+    it: under a regular file, read-only, on a full disk, ..."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, f"{what} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(path, f"cannot write into this {what} ({exc.strerror or exc})") from None
+    return path
+
+
+def check_scores_path(path) -> Path:
+    """A ``--scores_out`` path checked before the run: a known extension, a writable folder."""
+    path = Path(path)
+    if path.suffix.lower() not in _SCORE_EXTENSIONS:
+        raise InputError(path, f"unsupported scores file extension '{path.suffix}' (use .npy, .csv or .json)")
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a scores file")
+    writable_dir(path.parent, "scores folder")
+    return path
+
+
 def write_text_atomic(path, text: str) -> None:
     """Write ``text`` as UTF-8 (newlines untranslated) to ``path`` atomically."""
     with atomic_writer(path) as handle:

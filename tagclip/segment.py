@@ -65,7 +65,7 @@ def run_segment(args) -> int:
     from clip_es.evaluation import predict, read_bgr
     from clip_es.masks import write_label_png
 
-    from .cli import load_model, report_failures, user_vocabulary
+    from .cli import check_outputs, load_model, report_failures, user_vocabulary
     from .tagger import Tagger
     from .vis import mask_comparison
 
@@ -73,6 +73,7 @@ def run_segment(args) -> int:
         raise InputError("--classes", "tagclip segment needs your class names (--classes 'cat,dog' or a file)")
     names, background = user_vocabulary(args.classes, args.background)
     files = iter_image_files(args.img_root)
+    check_outputs(args.out, args.scores_out)
     model = load_model(args.model_path, args.device, args.precision, args.model_cache)
     tagger = Tagger(model, names, background, use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
     attention = AttentionSchedule.for_device(tagger.device)
