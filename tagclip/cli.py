@@ -224,26 +224,32 @@ def score_images(tagger: Tagger, ids: Sequence[str], paths: Sequence[Path], args
                  journal: Optional[ScoreJournal] = None) -> tuple[torch.Tensor, list[int], list[InputError]]:
     """(n, N) scores (NaN rows for failed images), the indices of failed images and their errors.
 
-    Rows already in ``journal`` are reused; new rows are appended to it as each chunk
-    finishes, so a killed run resumes where it stopped. Decoding of the next chunk overlaps
-    the model's work on the current one.
+    Images run in chunks of ``--batch_size`` consecutive images, the same chunks in every run.
+    Rows already in ``journal`` are reused for chunks it holds completely; a chunk it holds in
+    part is run again whole, so every batch has the composition of an uninterrupted run and a
+    resumed run writes the same bytes (the crops of a batch share forwards, whose rounding
+    depends on the batch). New rows are appended as each chunk finishes. Decoding of the next
+    chunk overlaps the model's work on the current one.
     """
     scores = torch.full((len(paths), len(tagger.class_names)), float("nan"))
     done = journal.load() if journal else {}
     stamps = [file_stamp(p) for p in paths] if journal else []
-    todo, kept = [], {}
-    for i, image_id in enumerate(ids):
-        if image_id in done and done[image_id][0] == stamps[i]:
-            kept[image_id] = done[image_id]
-            scores[i] = torch.from_numpy(done[image_id][1])
+    step = args.batch_size
+    all_chunks = [list(range(s, min(s + step, len(paths)))) for s in range(0, len(paths), step)]
+    finished = {i for i, image_id in enumerate(ids) if image_id in done and done[image_id][0] == stamps[i]}
+    chunks, kept = [], {}
+    for chunk in all_chunks:
+        if finished.issuperset(chunk):
+            for i in chunk:
+                kept[ids[i]] = done[ids[i]]
+                scores[i] = torch.from_numpy(done[ids[i]][1])
         else:
-            todo.append(i)
+            chunks.append(chunk)
     if journal:
         journal.start(kept)
     failed: list[int] = []
     failures: list[InputError] = []
-    step = max(1, args.batch_size)
-    chunks = [todo[s:s + step] for s in range(0, len(todo), step)]
+    todo = [i for chunk in chunks for i in chunk]
     with tqdm(total=len(paths), initial=len(paths) - len(todo), unit="img", desc="classify",
               file=sys.stderr) as bar:
         for idx, loaded in zip(chunks, _loaded_chunks(chunks, paths, args)):
