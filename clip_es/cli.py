@@ -32,7 +32,7 @@ from tagclip.cli import (DEFAULT_PRECISION, PRECISION_CHOICES, SPLIT_IMAGE_EXT, 
                          max_side_value, report_failures)
 from tagclip.errors import InputError
 from tagclip.images import DEFAULT_MAX_SIDE, load_model_input
-from tagclip.journal import CamJournal, file_stamp, run_key
+from tagclip.journal import CamJournal, file_stamp, folder_lock, run_key
 from tagclip.labels import SplitEntry, read_split
 from tagclip.registry import get_dataset
 
@@ -139,8 +139,7 @@ JOURNAL_SUFFIX = ".journal"
 def _cam_journal(out_dir: Path, key: str, shard: distributed.Shard) -> tuple[CamJournal, dict]:
     """This rank's journal and the records of every journal of the same key in the folder
     (so a run keeps what runs with another number of processes wrote)."""
-    rank_tag = "" if shard.world == 1 else f".rank{shard.rank}of{shard.world}"
-    journal = CamJournal(out_dir / f"{JOURNAL_STEM}{rank_tag}{JOURNAL_SUFFIX}", key)
+    journal = CamJournal(out_dir / f"{JOURNAL_STEM}{shard.tag}{JOURNAL_SUFFIX}", key)
     done: dict = {}
     for path in sorted(out_dir.glob(f"{JOURNAL_STEM}*{JOURNAL_SUFFIX}")):
         done.update(journal.load(path))
@@ -156,6 +155,13 @@ def _run_generate_cams(args, shard: distributed.Shard) -> int:
     entries = [entries[i] for i in distributed.owned_indices(len(entries), 1, shard)]
     out_dir = Path(args.cam_out_dir)
     check_outputs(out_dir, vis_dir=args.vis_dir)
+    with folder_lock(out_dir, JOURNAL_STEM.lstrip(".") + shard.tag):
+        return _generate_locked(args, shard, dataset, entries, out_dir)
+
+
+def _generate_locked(args, shard: distributed.Shard, dataset, entries: Sequence[SplitEntry], out_dir: Path) -> int:
+    """The run, with the CAM folder locked against another run writing the same files."""
+    cfg = dataset.cam
     device = shard.device
     print(device)
     print(f">>>>generating {args.split_file}")

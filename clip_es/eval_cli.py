@@ -23,7 +23,7 @@ import numpy as np
 from tagclip import distributed
 from tagclip.cli import guarded, positive_int, report_failures
 from tagclip.errors import InputError
-from tagclip.journal import RESUME_DIR, HistJournal, cache_dir, file_stamp, run_key
+from tagclip.journal import RESUME_DIR, HistJournal, cache_dir, file_stamp, folder_lock, run_key
 from tagclip.labels import writable_dir
 from tagclip.registry import EVAL_CONFIGS, EvalConfig, get_eval_config
 
@@ -34,6 +34,7 @@ from .evaluation import (CAM_TYPE, DEFAULT_CAM_EVAL_THRES, FALLBACK_THRES, SegEv
 from .masks import write_label_png
 
 MASK_EXT = ".png"
+JOURNAL_SUFFIX = ".journal"
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -217,6 +218,14 @@ def run_eval_cam(args) -> int:
     check_dir(args.cam_out_dir, "CAM folder")
     check_dir(args.gt_root, "GT folder")
     mask_dir = _check_outputs(args, args.pseudo_mask_save_path)
+    if mask_dir is None:
+        return _eval_cam(args, config, ids, mask_dir)
+    with folder_lock(mask_dir, "eval_cam"):
+        return _eval_cam(args, config, ids, mask_dir)
+
+
+def _eval_cam(args, config: EvalConfig, ids: Sequence[str], mask_dir: Optional[Path]) -> int:
+    """eval_cam.py once its inputs and outputs are checked (and its mask folder locked)."""
     print(f"{len(ids)} images to eval")
 
     # COCO-Stuff has no background channel, so there is no threshold to choose.
@@ -346,30 +355,14 @@ def _crf_journal(args, config: EvalConfig, mask_dir, shard: distributed.Shard) -
                   gt=args.gt_root and str(Path(args.gt_root).resolve()),
                   images=str(Path(args.image_root).resolve()), split=str(Path(args.split_file).resolve()),
                   masks=mask_dir and str(Path(mask_dir).resolve()), threshold=args.confidence_threshold)
-    rank_tag = "" if shard.world == 1 else f".rank{shard.rank}of{shard.world}"
     folder = Path(mask_dir) if mask_dir is not None else cache_dir() / RESUME_DIR
-    return HistJournal(folder / f".eval_cam_with_crf.{key[:12]}{rank_tag}.journal", key, config.num_classes)
+    return HistJournal(folder / f".eval_cam_with_crf.{key[:12]}{shard.tag}{JOURNAL_SUFFIX}", key, config.num_classes)
 
 
-def _run_eval_crf(args, shard: distributed.Shard) -> int:
-    """Under torchrun every rank takes images j ≡ rank (mod K) (with its own ``--jobs`` pool),
-    writes their masks and pictures, and rank 0 sums the confusion matrices and reports."""
-    config = get_eval_config(args.dataset)
-    if args.eval_only and not args.gt_root:
-        raise InputError("--gt_root", "required with --eval_only")
-    if not args.eval_only and not args.pseudo_mask_save_path:
-        raise InputError("--pseudo_mask_save_path", "required unless --eval_only is given")
-    ids = _read_ids(args.split_file)
-    check_dir(args.cam_out_dir, "CAM folder")
-    check_dir(args.image_root, "image folder")
-    if args.gt_root:
-        check_dir(args.gt_root, "GT folder")
-    mask_dir = _check_outputs(args, None if args.eval_only else args.pseudo_mask_save_path)
-    if shard.is_main:
-        print(f"{len(ids)} images to eval")
-        print(f"# jobs: {args.jobs}" + (f" in each of {shard.world} processes" if shard.world > 1 else ""))
-    ids = [ids[i] for i in distributed.owned_indices(len(ids), 1, shard)]
-    journal = _crf_journal(args, config, mask_dir, shard)
+def _evaluate_share(args, config: EvalConfig, ids: Sequence[str], mask_dir: Optional[Path],
+                    journal: HistJournal) -> tuple[SegEvaluator, list[Failure]]:
+    """This process's images: resume from ``journal``, CRF the rest (a ``--jobs`` pool),
+    journal each confusion matrix as it arrives; the journal goes once the share is complete."""
     stamps = {i: file_stamp(cam_path(args.cam_out_dir, i)) for i in ids}
     done = {i: rec for i, rec in journal.load().items()
             if i in stamps and rec[0] == stamps[i]
@@ -402,6 +395,31 @@ def _run_eval_crf(args, shard: distributed.Shard) -> int:
             evaluator.add_hist(hist, 1, unexpected)
     if not failures:
         journal.remove()  # this rank's share is complete
+    return evaluator, failures
+
+
+def _run_eval_crf(args, shard: distributed.Shard) -> int:
+    """Under torchrun every rank takes images j ≡ rank (mod K) (with its own ``--jobs`` pool),
+    writes their masks and pictures, and rank 0 sums the confusion matrices and reports."""
+    config = get_eval_config(args.dataset)
+    if args.eval_only and not args.gt_root:
+        raise InputError("--gt_root", "required with --eval_only")
+    if not args.eval_only and not args.pseudo_mask_save_path:
+        raise InputError("--pseudo_mask_save_path", "required unless --eval_only is given")
+    ids = _read_ids(args.split_file)
+    check_dir(args.cam_out_dir, "CAM folder")
+    check_dir(args.image_root, "image folder")
+    if args.gt_root:
+        check_dir(args.gt_root, "GT folder")
+    mask_dir = _check_outputs(args, None if args.eval_only else args.pseudo_mask_save_path)
+    if shard.is_main:
+        print(f"{len(ids)} images to eval")
+        print(f"# jobs: {args.jobs}" + (f" in each of {shard.world} processes" if shard.world > 1 else ""))
+    ids = [ids[i] for i in distributed.owned_indices(len(ids), 1, shard)]
+    journal = _crf_journal(args, config, mask_dir, shard)
+    folder = writable_dir(journal.path.parent, "resume folder")
+    with folder_lock(folder, journal.path.name.lstrip(".").removesuffix(JOURNAL_SUFFIX)):
+        evaluator, failures = _evaluate_share(args, config, ids, mask_dir, journal)
     gathered = distributed.gather((evaluator, failures), shard)
     if not shard.is_main:
         return 0

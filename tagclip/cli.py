@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .errors import InputError
-from .journal import ScoreJournal, file_stamp, run_key
+from .journal import ScoreJournal, file_stamp, folder_lock, run_key
 from .images import DEFAULT_MAX_SIDE, iter_image_files, load_model_input
 from .labels import SplitEntry, check_scores_path, label_file_lines, label_file_name, labels_to_onehot, read_split, \
     writable_dir, write_scores, write_text_atomic
@@ -279,6 +279,13 @@ def _run_classify(args, shard: distributed.Shard) -> int:
     vocab = _Vocabulary(args)
     entries, paths = _image_list(args, vocab)
     check_outputs(args.output_dir, args.scores_out, args.vis_dir)
+    with folder_lock(args.output_dir, f"{vocab.label_file}{shard.tag}"):
+        return _classify_locked(args, shard, vocab, entries, paths)
+
+
+def _classify_locked(args, shard: distributed.Shard, vocab: _Vocabulary, entries: Sequence[SplitEntry],
+                     paths: Sequence[Path]) -> int:
+    """The run, with the output folder locked against another run writing the same files."""
     device = shard.device
     precision = args.precision
     if shard.is_main:
@@ -293,8 +300,7 @@ def _run_classify(args, shard: distributed.Shard) -> int:
                     params=vocab.dataset.params, label_threshold=vocab.dataset.label_rel_threshold,
                     use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
     label_path = Path(args.output_dir) / vocab.label_file
-    rank_tag = "" if shard.world == 1 else f".rank{shard.rank}of{shard.world}"
-    journal = ScoreJournal(label_path.with_name(f".{label_path.name}{rank_tag}.journal"), run_key(
+    journal = ScoreJournal(label_path.with_name(f".{label_path.name}{shard.tag}.journal"), run_key(
         checkpoint=model.checkpoint_sha256, names=vocab.names, background=vocab.background,
         params=vocab.dataset.params, exif=args.exif_transpose, max_side=args.max_side,
         device=device.type, precision=precision, batch=args.batch_size,

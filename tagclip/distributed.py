@@ -47,6 +47,12 @@ class Shard(NamedTuple):
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def tag(self) -> str:
+        """``.rank{r}of{K}`` under torchrun, empty for one process: names this rank's journal
+        and lock files, so ranks never share one."""
+        return "" if self.world == 1 else f".rank{self.rank}of{self.world}"
+
 
 SINGLE = Shard(0, 1, 0)
 

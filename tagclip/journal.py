@@ -24,8 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
+
+try:  # POSIX; elsewhere runs are not locked (see folder_lock)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 import numpy as np
 
@@ -35,6 +41,8 @@ from .labels import atomic_writer
 MAGIC = "# tagclip-journal 3"
 CACHE_ENV = "TAGCLIP_CACHE"  # moves every cache of the toolkit (clip.loading reads it too)
 RESUME_DIR = "resume"
+# How much of a lock file names its owner.
+LOCK_OWNER_CHARS = 64
 # The longest record line a journal is read up to (a score row of 171 classes is about 4 KB).
 MAX_RECORD_CHARS = 1 << 20
 
@@ -45,6 +53,48 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base).expanduser() / "tagclip"
+
+
+@contextmanager
+def folder_lock(folder, name: str) -> Iterator[None]:
+    """Hold ``{folder}/.{name}.lock`` for the block: a second run of the same stage into the same
+    folder stops at once with one line (InputError) instead of interleaving its journal and
+    outputs with this run's. The lock is an advisory ``flock``, which the system drops when the
+    process ends however it ends (SIGKILL included), so a lock file left behind never blocks;
+    the file is removed when the block ends."""
+    if fcntl is None:  # no flock on this platform: runs are not locked against each other
+        yield
+        return
+    path = Path(folder) / f".{name}.lock"
+    while True:
+        try:
+            handle = open(path, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise InputError(path, f"cannot create the run's lock file ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read(LOCK_OWNER_CHARS).strip() or "another process"
+            handle.close()
+            raise InputError(Path(folder), f"another run is writing into this folder ({owner}); wait for it to "
+                                           "finish, or give this run another output folder") from None
+        try:  # the holder before us may have removed the file between our open and our lock
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    with handle:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still holding the lock: nobody else owns this file
 
 
 def run_key(**settings) -> str:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .errors import InputError
 from .images import iter_image_files, load_model_input
+from .journal import folder_lock
 from .labels import write_scores, write_text_atomic
 from .registry import COCO_AFFINITY_LAYERS, COCO_CAM_BOX_THRESHOLD, CamConfig, EvalConfig
 from .vocab import COCO_STUFF_CAM_BACKGROUND
@@ -58,6 +59,19 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_segment(args) -> int:
+    from .cli import check_outputs, user_vocabulary
+
+    if not args.classes:
+        raise InputError("--classes", "tagclip segment needs your class names (--classes 'cat,dog' or a file)")
+    names, background = user_vocabulary(args.classes, args.background)
+    files = iter_image_files(args.img_root)
+    check_outputs(args.out, args.scores_out)
+    with folder_lock(args.out, "segment"):
+        return _segment_locked(args, names, background, files)
+
+
+def _segment_locked(args, names, background, files) -> int:
+    """The run, with the output folder locked against another segment run into it."""
     from clip.model import AttentionSchedule
     from clip_es.cams import compute_cams, encode_cam_text, save_cam
     from clip_es.cli import file_size_hw
@@ -65,15 +79,10 @@ def run_segment(args) -> int:
     from clip_es.evaluation import predict, read_bgr
     from clip_es.masks import write_label_png
 
-    from .cli import check_outputs, load_model, report_failures, user_vocabulary
+    from .cli import load_model, report_failures
     from .tagger import Tagger
     from .vis import mask_comparison
 
-    if not args.classes:
-        raise InputError("--classes", "tagclip segment needs your class names (--classes 'cat,dog' or a file)")
-    names, background = user_vocabulary(args.classes, args.background)
-    files = iter_image_files(args.img_root)
-    check_outputs(args.out, args.scores_out)
     model = load_model(args.model_path, args.device, args.precision, args.model_cache)
     tagger = Tagger(model, names, background, use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
     attention = AttentionSchedule.for_device(tagger.device)
