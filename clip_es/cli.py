@@ -30,7 +30,7 @@ from clip.model import AttentionSchedule
 from tagclip import distributed
 from tagclip.cli import (DEFAULT_PRECISION, PRECISION_CHOICES, SPLIT_IMAGE_EXT, check_outputs, guarded, load_model,
                          max_side_value, report_failures)
-from tagclip.errors import InputError
+from tagclip.errors import InputError, Interrupted
 from tagclip.images import DEFAULT_MAX_SIDE, load_model_input
 from tagclip.journal import CamJournal, file_stamp, folder_lock, run_key
 from tagclip.labels import SplitEntry, read_split
@@ -185,36 +185,46 @@ def _generate_locked(args, shard: distributed.Shard, dataset, entries: Sequence[
         print(f"resuming: {len(kept)} CAM file(s) already in {out_dir}")
     failures: list[InputError] = []
     written: set[str] = set()
-    if todo:
-        model = load_model(args.model, device, args.precision, args.model_cache)
-        text = encode_cam_text(model, cfg)
-        attention = AttentionSchedule.for_device(device)
-        with ThreadPoolExecutor(max_workers=1) as pool, \
-                tqdm(total=len(entries), initial=len(entries) - len(todo), unit="img", desc="cams",
-                     file=sys.stderr) as bar:
-            pending = pool.submit(_load, paths[todo[0].id], args.max_side)
-            for i, entry in enumerate(todo):
-                loaded = pending.result()
-                if i + 1 < len(todo):  # decode the next image while this one runs
-                    pending = pool.submit(_load, paths[todo[i + 1].id], args.max_side)
-                if isinstance(loaded, InputError):
-                    if args.on_error == "stop":
-                        raise loaded
-                    failures.append(loaded)
-                else:
-                    image, size_hw = loaded
-                    result = compute_cams(model, image, entry.labels, text, cfg, size_hw, attention)
-                    target = cam_path(out_dir, entry.id)
-                    save_cam(target, result.keys, result.attn_highres)
-                    journal.append([entry.id], [file_stamp(paths[entry.id])],
-                                   [(file_stamp(target), tuple(entry.labels))])
-                    written.add(entry.id)
-                bar.update(1)
+    try:
+        if todo:
+            _write_cams(args, device, cfg, todo, paths, out_dir, journal, len(entries), failures, written)
+    except KeyboardInterrupt:
+        raise Interrupted(f"{len(kept) + len(written)} of {len(entries)} CAM file(s) are written and kept in "
+                          f"{out_dir}; the same command resumes from there") from None
     if getattr(args, "vis_dir", None):
         # failed images have no CAM file of this run and get no picture
         finished = [e for e in entries if e.id in kept or e.id in written]
         draw_overlays(args.vis_dir, finished, root, out_dir, dataset.class_names)
     return report_failures(failures)
+
+
+def _write_cams(args, device, cfg, todo: Sequence[SplitEntry], paths: dict, out_dir: Path, journal: CamJournal,
+                total: int, failures: list, written: set) -> None:
+    """Compute and write the CAM files of ``todo`` (journaled one by one; ids into ``written``,
+    unreadable images into ``failures``); the next image decodes while one is computed."""
+    model = load_model(args.model, device, args.precision, args.model_cache)
+    text = encode_cam_text(model, cfg)
+    attention = AttentionSchedule.for_device(device)
+    with ThreadPoolExecutor(max_workers=1) as pool, \
+            tqdm(total=total, initial=total - len(todo), unit="img", desc="cams", file=sys.stderr) as bar:
+        pending = pool.submit(_load, paths[todo[0].id], args.max_side)
+        for i, entry in enumerate(todo):
+            loaded = pending.result()
+            if i + 1 < len(todo):  # decode the next image while this one runs
+                pending = pool.submit(_load, paths[todo[i + 1].id], args.max_side)
+            if isinstance(loaded, InputError):
+                if args.on_error == "stop":
+                    raise loaded
+                failures.append(loaded)
+            else:
+                image, size_hw = loaded
+                result = compute_cams(model, image, entry.labels, text, cfg, size_hw, attention)
+                target = cam_path(out_dir, entry.id)
+                save_cam(target, result.keys, result.attn_highres)
+                journal.append([entry.id], [file_stamp(paths[entry.id])],
+                               [(file_stamp(target), tuple(entry.labels))])
+                written.add(entry.id)
+            bar.update(1)
 
 
 def generate_cams_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 
 from tagclip import distributed
 from tagclip.cli import guarded, positive_int, report_failures
-from tagclip.errors import InputError
+from tagclip.errors import InputError, Interrupted
 from tagclip.journal import RESUME_DIR, HistJournal, cache_dir, file_stamp, folder_lock, run_key
 from tagclip.labels import writable_dir
 from tagclip.registry import EVAL_CONFIGS, EvalConfig, get_eval_config
@@ -380,16 +380,20 @@ def _evaluate_share(args, config: EvalConfig, ids: Sequence[str], mask_dir: Opti
              for image_id in ids]
     evaluator = SegEvaluator(config.num_classes)
     failures: list[Failure] = []
-    with closing(_run_tasks(tasks, args.jobs)) as results:  # closing: stop the pool on an error
-        for result in results:
-            if result.error is not None:
-                _fail(failures, result.image_id, InputError(*result.error), args.on_error)
-            else:
-                if result.hist is not None:
-                    evaluator.add_hist(result.hist, 1, result.unexpected_gt_pixels)
-                hist = result.hist if result.hist is not None else np.zeros_like(evaluator.hist)
-                journal.append([result.image_id], [stamps[result.image_id]],
-                               [(hist, result.unexpected_gt_pixels)])
+    try:
+        with closing(_run_tasks(tasks, args.jobs)) as results:  # closing: stop the pool on an error
+            for result in results:
+                if result.error is not None:
+                    _fail(failures, result.image_id, InputError(*result.error), args.on_error)
+                else:
+                    if result.hist is not None:
+                        evaluator.add_hist(result.hist, 1, result.unexpected_gt_pixels)
+                    hist = result.hist if result.hist is not None else np.zeros_like(evaluator.hist)
+                    journal.append([result.image_id], [stamps[result.image_id]],
+                                   [(hist, result.unexpected_gt_pixels)])
+    except KeyboardInterrupt:
+        raise Interrupted(f"{len(journal.load())} of {len(stamps)} image(s) are evaluated and kept in {journal.path}; "
+                          "the same command resumes from there") from None
     if args.gt_root:
         for _, (hist, unexpected) in done.values():
             evaluator.add_hist(hist, 1, unexpected)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .errors import InputError
+from .errors import EXIT_INTERRUPTED, InputError, Interrupted
 from .journal import ScoreJournal, file_stamp, folder_lock, run_key
 from .images import DEFAULT_MAX_SIDE, iter_image_files, load_model_input
 from .labels import SplitEntry, check_scores_path, label_file_lines, label_file_name, labels_to_onehot, read_split, \
@@ -250,24 +250,30 @@ def score_images(tagger: Tagger, ids: Sequence[str], paths: Sequence[Path], args
     failed: list[int] = []
     failures: list[InputError] = []
     todo = [i for chunk in chunks for i in chunk]
-    with tqdm(total=len(paths), initial=len(paths) - len(todo), unit="img", desc="classify",
-              file=sys.stderr) as bar:
-        for idx, loaded in zip(chunks, _loaded_chunks(chunks, paths, args)):
-            good = []
-            for i, item in zip(idx, loaded):
-                if isinstance(item, InputError):
-                    if args.on_error == "stop":
-                        raise item
-                    failed.append(i)
-                    failures.append(item)
-                else:
-                    good.append((i, item))
-            if good:
-                rows = tagger.scores([t for _, t in good])
-                scores[[i for i, _ in good]] = rows
-                if journal:
-                    journal.append([ids[i] for i, _ in good], [stamps[i] for i, _ in good], rows.numpy())
-            bar.update(len(idx))
+    try:
+        with tqdm(total=len(paths), initial=len(paths) - len(todo), unit="img", desc="classify",
+                  file=sys.stderr) as bar:
+            for idx, loaded in zip(chunks, _loaded_chunks(chunks, paths, args)):
+                good = []
+                for i, item in zip(idx, loaded):
+                    if isinstance(item, InputError):
+                        if args.on_error == "stop":
+                            raise item
+                        failed.append(i)
+                        failures.append(item)
+                    else:
+                        good.append((i, item))
+                if good:
+                    rows = tagger.scores([t for _, t in good])
+                    scores[[i for i, _ in good]] = rows
+                    if journal:
+                        journal.append([ids[i] for i, _ in good], [stamps[i] for i, _ in good], rows.numpy())
+                bar.update(len(idx))
+    except KeyboardInterrupt:
+        if journal is None:
+            raise
+        raise Interrupted(f"{len(journal.load())} of {len(paths)} image(s) are scored and kept in {journal.path}; "
+                          "the same command resumes from there") from None
     return scores, failed, failures
 
 
@@ -400,12 +406,17 @@ def report_failures(failures: Sequence) -> int:
 def guarded(run, args) -> int:
     """Run a command. Bad input (:class:`InputError`: unreadable or malformed files, bad
     arguments, checkpoint and device problems) becomes one ``error:`` line and exit status 2.
+    Ctrl-C becomes one ``interrupted:`` line saying what was kept for resuming, status 130.
     Anything else is a bug: its traceback, one line saying so, and EXIT_INTERNAL_ERROR."""
     try:
         return run(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except KeyboardInterrupt as stop:
+        kept = stop.kept if isinstance(stop, Interrupted) else "nothing of this run is kept"
+        print(f"\ninterrupted: {kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception:  # noqa: BLE001 - reported in full, never disguised as bad input
         traceback.print_exc()
         print(f"internal error: the traceback above is a bug in the toolkit, not a problem with your input; "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import InputError
+from .errors import InputError, Interrupted
 from .images import iter_image_files, load_model_input
 from .journal import folder_lock
 from .labels import write_scores, write_text_atomic
@@ -115,27 +115,32 @@ def _segment_locked(args, names, background, files) -> int:
         mask_comparison(path, label_map, None, eval_cfg.class_names, out / "overlays" / f"{image_id}.png",
                         title=f"{image_id}: " + ", ".join(tags[image_id]))
 
-    with tqdm(total=len(files), unit="img", desc="segment", file=sys.stderr) as bar:
-        for start in range(0, len(files), args.batch_size):
-            chunk = []  # (id, path, model input, file (H, W)) of the readable images
-            for image_id, name in files[start:start + args.batch_size]:
-                path = Path(args.img_root) / name
-                try:
-                    tensor, loaded_hw = load_model_input(path, max_side=args.max_side)
-                    chunk.append((image_id, path, tensor, file_size_hw(path, loaded_hw, args.max_side)))
-                except InputError as err:
-                    fail(err)
-            rows = tagger.scores([tensor for _, _, tensor, _ in chunk]) if chunk else []
-            for (image_id, path, tensor, size_hw), row in zip(chunk, rows):
-                try:
-                    segment_one(image_id, path, tensor, size_hw, row)
-                except InputError as err:  # e.g. a file PIL reads but OpenCV (the CRF image) cannot
-                    tags.pop(image_id, None)
-                    fail(err)
-                    continue
-                scored_ids.append(image_id)
-                scored_rows.append(row)
-            bar.update(len(files[start:start + args.batch_size]))
+    try:
+        with tqdm(total=len(files), unit="img", desc="segment", file=sys.stderr) as bar:
+            for start in range(0, len(files), args.batch_size):
+                chunk = []  # (id, path, model input, file (H, W)) of the readable images
+                for image_id, name in files[start:start + args.batch_size]:
+                    path = Path(args.img_root) / name
+                    try:
+                        tensor, loaded_hw = load_model_input(path, max_side=args.max_side)
+                        chunk.append((image_id, path, tensor, file_size_hw(path, loaded_hw, args.max_side)))
+                    except InputError as err:
+                        fail(err)
+                rows = tagger.scores([tensor for _, _, tensor, _ in chunk]) if chunk else []
+                for (image_id, path, tensor, size_hw), row in zip(chunk, rows):
+                    try:
+                        segment_one(image_id, path, tensor, size_hw, row)
+                    except InputError as err:  # e.g. a file PIL reads but OpenCV (the CRF image) cannot
+                        tags.pop(image_id, None)
+                        fail(err)
+                        continue
+                    scored_ids.append(image_id)
+                    scored_rows.append(row)
+                bar.update(len(files[start:start + args.batch_size]))
+    except KeyboardInterrupt:
+        raise Interrupted(f"the outputs of {len(scored_ids)} of {len(files)} image(s) are in {out}; tagclip segment "
+                          "does not resume: a rerun redoes every image") from None
+    legend = {"0": "background", **{str(i + 1): n for i, n in enumerate(names)}}
     legend = {"0": "background", **{str(i + 1): n for i, n in enumerate(names)}}
     write_text_atomic(out / LEGEND_FILE, json.dumps({"labels": legend, "tags": tags}, indent=1) + "\n")
     if args.scores_out and scored_rows:

@@ -1,0 +1,100 @@
+"""Ctrl-C (issue 10, item 7): exit status 130 and one line saying what was kept for resuming;
+the same command then finishes with the outputs of an uninterrupted run."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import helpers
+from clip_es.cams import load_cam
+
+ROOT = Path(__file__).resolve().parents[1]
+N_IMAGES = 12
+
+
+@pytest.fixture
+def images(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(N_IMAGES):
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(imgs / f"k{i:02d}.jpg")
+    (tmp_path / "labels.txt").write_text("".join(f"k{i:02d} {i % 20}\n" for i in range(N_IMAGES)))
+    return imgs
+
+
+def _interrupt_midway(command, env, progress, minimum: int) -> subprocess.CompletedProcess:
+    """Start ``command``, send SIGINT once ``progress()`` reaches ``minimum``, return the result."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and progress() < minimum:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def _last_line(text: str) -> str:
+    return [ln for ln in text.splitlines() if ln.strip()][-1]
+
+
+def test_ctrl_c_in_classify_keeps_the_journal_and_says_so(images, tmp_path):
+    env = dict(os.environ, TAGCLIP_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+
+    def command(out):
+        return [sys.executable, str(ROOT / "classify.py"), "--img_root", str(images), "--model_path",
+                str(helpers.TINY_CHECKPOINT), "--output_dir", str(out), "--scores_out", str(out / "s.npy"),
+                "--device", "cpu", "--batch_size", "1"]
+
+    subprocess.run(command(tmp_path / "full"), env=env, check=True, capture_output=True)
+    out = tmp_path / "stopped"
+    journal = out / ".voc2007_val_tagclip.txt.journal"
+    res = _interrupt_midway(command(out), env,
+                            lambda: len(journal.read_text().splitlines()) - 1 if journal.exists() else 0, 3)
+    assert res.returncode == 130, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    line = _last_line(res.stderr)
+    match = re.fullmatch(rf"interrupted: (\d+) of {N_IMAGES} image\(s\) are scored and kept in (.+); "
+                         r"the same command resumes from there", line)
+    assert match, line
+    assert Path(match.group(2)) == journal and int(match.group(1)) == len(journal.read_text().splitlines()) - 1
+    assert 3 <= int(match.group(1)) < N_IMAGES
+    assert not (out / "voc2007_val_tagclip.txt").exists()
+    subprocess.run(command(out), env=env, check=True, capture_output=True)
+    for name in ("voc2007_val_tagclip.txt", "s.npy"):
+        assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+
+
+def test_ctrl_c_in_generate_cams_keeps_the_written_files(images, tmp_path):
+    env = dict(os.environ, TAGCLIP_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+
+    def command(out):
+        return [sys.executable, str(ROOT / "generate_cams.py"), "--dataset", "voc2012", "--img_root", str(images),
+                "--split_file", str(tmp_path / "labels.txt"), "--model", str(helpers.TINY_CHECKPOINT),
+                "--cam_out_dir", str(out), "--device", "cpu"]
+
+    subprocess.run(command(tmp_path / "full"), env=env, check=True, capture_output=True)
+    out = tmp_path / "stopped"
+    res = _interrupt_midway(command(out), env, lambda: len(list(out.glob("*.npy"))), 3)
+    assert res.returncode == 130, res.stderr[-2000:]
+    line = _last_line(res.stderr)
+    match = re.fullmatch(rf"interrupted: (\d+) of {N_IMAGES} CAM file\(s\) are written and kept in (.+); "
+                         r"the same command resumes from there", line)
+    assert match and Path(match.group(2)) == out, line
+    kept = int(match.group(1))
+    assert kept == len(list(out.glob("*.npy"))) and 3 <= kept < N_IMAGES
+    resumed = subprocess.run(command(out), env=env, check=True, capture_output=True, text=True)
+    assert f"resuming: {kept} CAM file(s)" in resumed.stdout
+    for i in range(N_IMAGES):
+        k1, m1 = load_cam(tmp_path / "full" / f"k{i:02d}.npy")
+        k2, m2 = load_cam(out / f"k{i:02d}.npy")
+        assert np.array_equal(k1, k2) and np.array_equal(m1, m2)
