@@ -9,10 +9,14 @@ Pseudo masks (``--pseudo_mask_save_path``) are palette PNGs written atomically.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
+import signal
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -34,6 +38,12 @@ from .evaluation import (CAM_TYPE, DEFAULT_CAM_EVAL_THRES, FALLBACK_THRES, SegEv
 from .masks import write_label_png
 
 MASK_EXT = ".png"
+# prctl option: the signal the kernel sends a process when its parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+# How often a CRF pool worker checks that the run that started it still exists.
+PARENT_POLL_S = 1.0
+# Exit status of a pool worker that outlived its run.
+EXIT_ORPHANED_WORKER = 3
 JOURNAL_SUFFIX = ".journal"
 
 
@@ -327,13 +337,44 @@ def crf_worker(task: CrfTask) -> CrfResult:
     return CrfResult(task.image_id, evaluator.hist, evaluator.unexpected_gt_pixels, None)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Pool-worker initializer: the worker ends when the run that started it ends, even by
+    SIGKILL (which gives the run no chance to stop its pool). On Linux the kernel kills the
+    worker at once (PR_SET_PDEATHSIG); everywhere a watcher thread ends it within
+    PARENT_POLL_S once it has been handed to another parent."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    first_parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != first_parent or not _alive(parent):
+                os._exit(EXIT_ORPHANED_WORKER)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's (a recycled pid)
+        return True
+    return True
+
+
 def _run_tasks(tasks: Sequence[CrfTask], jobs: int):
-    """Yield the results in task order (a process pool when ``jobs > 1``)."""
+    """Yield the results in task order (a process pool when ``jobs > 1``, whose workers end
+    with this process however it ends)."""
     if jobs <= 1 or len(tasks) <= 1:
         for task in tasks:
             yield crf_worker(task)
         return
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)))
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), initializer=_exit_with_parent,
+                               initargs=(os.getpid(),))
     try:
         futures = [pool.submit(crf_worker, task) for task in tasks]
         for i in range(len(futures)):

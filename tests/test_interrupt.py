@@ -98,3 +98,55 @@ def test_ctrl_c_in_generate_cams_keeps_the_written_files(images, tmp_path):
         k1, m1 = load_cam(tmp_path / "full" / f"k{i:02d}.npy")
         k2, m2 = load_cam(out / f"k{i:02d}.npy")
         assert np.array_equal(k1, k2) and np.array_equal(m1, m2)
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for a reaper that never comes)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_sigkill_of_the_crf_run_ends_its_pool_workers(tmp_path):
+    """eval_cam_with_crf.py --jobs 2 SIGKILLed mid-run: its workers end too (they used to keep
+    running, about 470 MB each)."""
+    import eval_helpers as eh
+    import shutil
+
+    cams = eh.write_cam_dir("voc2012", tmp_path / "cams0")
+    voc = eh.folder("voc2012")
+    for kind in ("cams", "img", "gt"):
+        (tmp_path / kind).mkdir()
+    ids = []
+    for copy in range(12):  # enough CRF work to outlast the start of the pool
+        for image_id in eh.variant_ids("voc2012"):
+            new = f"{image_id}_{copy}"
+            shutil.copy(cams / f"{image_id}.npy", tmp_path / "cams" / f"{new}.npy")
+            shutil.copy(voc / "JPEGImages" / f"{image_id}.jpg", tmp_path / "img" / f"{new}.jpg")
+            shutil.copy(voc / "SegmentationClass" / f"{image_id}.png", tmp_path / "gt" / f"{new}.png")
+            ids.append(new)
+    (tmp_path / "split.txt").write_text("".join(f"{i}\n" for i in ids))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "eval_cam_with_crf.py"), "--dataset", "voc2012",
+                             "--cam_out_dir", str(tmp_path / "cams"), "--gt_root", str(tmp_path / "gt"),
+                             "--image_root", str(tmp_path / "img"), "--split_file", str(tmp_path / "split.txt"),
+                             "--pseudo_mask_save_path", str(tmp_path / "masks"), "--jobs", "2"],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (len(_children(proc.pid)) >= 2 and any((tmp_path / "masks").glob("*.png"))):
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2 and proc.poll() is None, "the pool must be working when the run is killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(w) for w in workers):
+        time.sleep(0.05)
+    assert not [w for w in workers if _running(w)]
