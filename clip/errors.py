@@ -7,13 +7,19 @@ showing a traceback.
 """
 
 
+def shown_path(path: str) -> str:
+    """A path as messages show it: as it is, or quoted with escapes when it holds a newline,
+    tab or other unprintable character, so that the message stays one readable line."""
+    return path if path.isprintable() else repr(path)
+
+
 class InputError(Exception):
     """Bad input named by file: ``InputError(path, problem)`` -> ``"<path>: <problem>"``."""
 
     def __init__(self, path, problem: str):
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(f"{shown_path(self.path)}: {problem}")
 
     def __reduce__(self):  # picklable across DataLoader workers and process pools
         return (type(self), (self.path, self.problem))

@@ -165,13 +165,30 @@ class _Vocabulary:
             self.label_map, self.label_file = self.dataset.split_label_map, label_file_name(args.dataset)
 
 
-def _image_list(args, vocab: _Vocabulary) -> tuple[list[SplitEntry], list[Path]]:
+def _image_list(args, vocab: _Vocabulary) -> tuple[list[SplitEntry], list[Path], list[InputError]]:
+    """The images of the run: (entries, paths, images refused by name).
+
+    In folder mode an image whose name holds whitespace is refused (stop, or a skip with
+    ``--on_error skip``): the label file's ``id l1 l2 ...`` lines cannot hold such an id, and
+    ``generate_cams.py`` could not read it back. Split files cannot hold one either."""
     root = Path(args.img_root)
     if args.split_file:
         entries = read_split(args.split_file, num_classes=len(vocab.names), label_map=vocab.label_map)
-        return entries, [root / f"{e.id}{SPLIT_IMAGE_EXT}" for e in entries]
-    files = iter_image_files(root)
-    return [SplitEntry(i, ()) for i, _ in files], [root / name for _, name in files]
+        return entries, [root / f"{e.id}{SPLIT_IMAGE_EXT}" for e in entries], []
+    entries, paths, refused = [], [], []
+    for image_id, name in iter_image_files(root):
+        if any(ch.isspace() for ch in image_id):
+            err = InputError(root / name, "the file name holds whitespace, which label files (one 'id l1 l2 ...' "
+                                          "line per image) cannot hold; rename the file")
+            if args.on_error == "stop":
+                raise err
+            refused.append(err)
+            continue
+        entries.append(SplitEntry(image_id, ()))
+        paths.append(root / name)
+    if not entries:
+        raise InputError(root, "no image has a name a label file can hold")
+    return entries, paths, refused
 
 
 def _load_chunk(paths: Sequence[Path], args) -> list:
@@ -283,14 +300,14 @@ def run_classify(args) -> int:
 
 def _run_classify(args, shard: distributed.Shard) -> int:
     vocab = _Vocabulary(args)
-    entries, paths = _image_list(args, vocab)
+    entries, paths, refused = _image_list(args, vocab)
     check_outputs(args.output_dir, args.scores_out, args.vis_dir)
     with folder_lock(args.output_dir, f"{vocab.label_file}{shard.tag}"):
-        return _classify_locked(args, shard, vocab, entries, paths)
+        return _classify_locked(args, shard, vocab, entries, paths, refused)
 
 
 def _classify_locked(args, shard: distributed.Shard, vocab: _Vocabulary, entries: Sequence[SplitEntry],
-                     paths: Sequence[Path]) -> int:
+                     paths: Sequence[Path], refused: Sequence[InputError]) -> int:
     """The run, with the output folder locked against another run writing the same files."""
     device = shard.device
     precision = args.precision
@@ -321,7 +338,7 @@ def _classify_locked(args, shard: distributed.Shard, vocab: _Vocabulary, entries
             journal.remove()
         return 0
     scores = torch.full((len(entries), len(vocab.names)), float("nan"))
-    failed_set, messages = set(), []
+    failed_set, messages = set(), [str(e) for e in refused]
     for idx, rows, bad, errs in gathered:
         scores[idx] = rows
         failed_set.update(bad)

@@ -92,3 +92,25 @@ def test_no_script_reads_or_writes_outside_its_folders(script, case, tmp_path, c
     created = _files(tmp_path) - before
     assert not created - ({out} if out.exists() else set()), sorted(map(str, created))
     assert not out.exists() or not any(out.rglob("*"))
+
+
+@pytest.mark.parametrize("odd", ["with space", "with\ttab", "with\nnewline", "nbsp\u00a0inside"])
+def test_folder_names_a_label_file_cannot_hold_are_refused(odd, tmp_path, capsys):
+    """Folder mode: a name with whitespace cannot be an id of a label file line, so it is
+    refused (one line; with --on_error skip it is listed and the rest is tagged), and the label
+    file stays readable by generate_cams.py."""
+    img = tmp_path / "img"
+    img.mkdir()
+    for name in ("good", odd):
+        Image.fromarray(np.full((32, 48, 3), 60, np.uint8)).save(img / f"{name}.jpg")
+    argv = ["--img_root", str(img), "--model_path", str(helpers.TINY_CHECKPOINT), "--device", "cpu",
+            "--classes", "cat,dog", "--output_dir", str(tmp_path / "out")]
+    assert classify_main(argv) == 2
+    err = capsys.readouterr().err
+    shown = str(img / f"{odd}.jpg") if odd.isprintable() else repr(str(img / f"{odd}.jpg"))  # one line always
+    assert [ln for ln in err.splitlines() if ln.strip()][-1].startswith(
+        f"error: {shown}: the file name holds whitespace")
+    assert classify_main(argv + ["--on_error", "skip"]) == 1
+    assert shown in capsys.readouterr().err
+    label_file = tmp_path / "out" / "custom_val_tagclip.txt"
+    assert [e.id for e in read_split(label_file)] == ["good"]
