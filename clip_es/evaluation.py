@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from tagclip.errors import InputError
+from tagclip.images import read_image_file
 from tagclip.labels import read_bytes
 from tagclip.registry import EvalConfig
 
@@ -269,15 +269,13 @@ def gt_to_eval(gt, config: EvalConfig) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- files
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-def read_cam(path, config: EvalConfig, cam_type: str = CAM_TYPE) -> tuple[np.ndarray, np.ndarray]:
+def read_cam(path, config: EvalConfig, cam_type: str = CAM_TYPE,
+             expected_hw: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, np.ndarray]:
     """Load and validate ``{id}.npy`` for ``config``: ``(keys int64 (K,), cams (K, H, W))``.
 
-    Parsing is :func:`clip_es.cams.load_cam` (arrays only, no arbitrary pickled objects); here
+    Parsing is :func:`clip_es.cams.load_cam` (arrays only, no arbitrary pickled objects, sizes
+    bounded before anything is allocated: by ``expected_hw``, the image's (H, W), when the
+    caller knows it, else by the toolkit's limits); here
     the keys are checked against the dataset's vocabulary. A file without classes (an image
     with no labels) predicts background everywhere where the dataset has a background;
     COCO-Stuff has none, so such a file is an error there. Every problem is an
@@ -286,7 +284,7 @@ def read_cam(path, config: EvalConfig, cam_type: str = CAM_TYPE) -> tuple[np.nda
     if cam_type != CAM_TYPE:
         raise ValueError(f"unsupported cam_type {cam_type!r} (only {CAM_TYPE!r})")
     path = Path(path)
-    keys, cams = load_cam(path)
+    keys, cams = load_cam(path, expected_hw)
     if cams.shape[1] == 0 or cams.shape[2] == 0:
         raise InputError(path, f"empty CAMs of shape {cams.shape}")
     if keys.size == 0 and not config.has_background:
@@ -300,36 +298,47 @@ def read_cam(path, config: EvalConfig, cam_type: str = CAM_TYPE) -> tuple[np.nda
     return keys, cams
 
 
+def _label_pixels(img) -> tuple[str, np.ndarray]:
+    return img.mode, np.array(img)
+
+
 def read_gt(path, config: EvalConfig) -> np.ndarray:
-    """Load a GT mask (palette or grey PNG: the stored value is the class) as evaluated labels."""
+    """Load a GT mask (palette or grey PNG: the stored value is the class) as evaluated labels.
+
+    Opened by :func:`tagclip.images.read_image_file`: a mask over the pixel limit is an
+    InputError before it is decoded."""
     path = Path(path)
-    try:
-        with Image.open(path) as img:
-            mode = img.mode
-            arr = np.array(img)
-    except FileNotFoundError:
-        raise InputError(path, "GT mask not found") from None
-    except IsADirectoryError:
-        raise InputError(path, "is a directory, not a GT mask") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InputError(path, f"cannot read GT mask ({_short(exc)})") from None
+    mode, arr = read_image_file(path, "GT mask", _label_pixels)
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
         raise InputError(path, f"GT mask must be a single-channel label image (palette or grey), "
                                f"got PIL mode {mode}")
     return gt_to_eval(arr, config)
 
 
+def _header_size(img) -> tuple[int, int]:
+    return img.size
+
+
 def read_bgr(path) -> np.ndarray:
     """Read an image as 8-bit BGR (H x W x 3), as ``cv2.imread(path, IMREAD_COLOR)`` does,
     except that the EXIF orientation is ignored so that the image matches its CAM (the CAM
-    stage reads the stored pixel layout)."""
+    stage reads the stored pixel layout).
+
+    PIL reads the header first (:func:`tagclip.images.read_image_file`: the pixel limit, a
+    file PIL cannot identify is an InputError); the pixels are OpenCV's, as in the reference's
+    CRF (PIL's JPEG decoder is a different libjpeg build, and PIL converts CMYK JPEGs and
+    16-bit PNGs otherwise)."""
     import cv2
 
     path = Path(path)
-    data = np.frombuffer(read_bytes(path, "image"), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    raw = read_bytes(path, "image")
+    width, height = read_image_file(path, "image", _header_size, data=raw)
+    image = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise InputError(path, "cannot decode image")
+    if image.shape[:2] != (height, width):
+        raise InputError(path, f"decoded image is {image.shape[1]}x{image.shape[0]} (WxH), its header says "
+                               f"{width}x{height}")
     return image
 
 

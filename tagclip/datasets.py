@@ -76,6 +76,7 @@ from PIL import Image
 
 import tagclip
 from tagclip.errors import InputError
+from tagclip.images import read_image_file
 from tagclip.labels import read_bytes, read_split, write_text_atomic
 from tagclip.vocab import COCO_CLASSES, COCO_STUFF_182, COCO_STUFF_UNUSED, VOC_CLASSES
 
@@ -211,6 +212,8 @@ def load_coco(json_path):
         dataset = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(json_path, f"not valid JSON ({exc})") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise InputError(json_path, "not valid JSON (arrays or objects nested too deeply to parse)") from None
     if not isinstance(dataset, dict):
         raise InputError(json_path, "not a COCO instances file (top level is not an object)")
     for key in ("images", "annotations", "categories"):
@@ -349,18 +352,16 @@ def write_coco_masks(coco, json_path, rows, masks_out, overwrite: bool = False) 
 # ----------------------------------------------------------------------------- COCO-Stuff
 
 def stuff_labels(png_path: Path) -> list[int]:
-    """182-index ids present in one stuffthingmaps PNG (255 excluded), ascending."""
-    try:
-        with Image.open(png_path) as img:
-            if img.mode not in ("L", "P"):
-                raise InputError(png_path, f"expected an 8-bit single-channel PNG, got mode {img.mode}")
-            values = np.unique(np.asarray(img))
-    except InputError:
-        raise
-    except FileNotFoundError:
-        raise InputError(png_path, "file not found") from None
-    except OSError as exc:
-        raise InputError(png_path, f"cannot read image ({exc})") from None
+    """182-index ids present in one stuffthingmaps PNG (255 excluded), ascending.
+
+    Opened by :func:`tagclip.images.read_image_file`: a map over the pixel limit, or in another
+    mode than L / P, is an InputError before it is decoded."""
+    def pixels(img) -> np.ndarray:
+        if img.mode not in ("L", "P"):
+            raise InputError(png_path, f"expected an 8-bit single-channel PNG, got mode {img.mode}")
+        return np.asarray(img)
+
+    values = np.unique(read_image_file(png_path, "COCO-Stuff map", pixels))
     labels = []
     for value in values.tolist():
         if value == IGNORE:

@@ -14,14 +14,19 @@ single ``'L'`` channel and stacking afterwards gives identical numbers at a thir
 that is what :func:`to_model_input` does (the tests check the equality).
 
 Reading (:func:`open_image`) normalises every PIL mode to ``'RGB'`` or ``'L'`` and turns every
-problem with the file into :class:`tagclip.errors.InputError`.
+problem with the file into :class:`tagclip.errors.InputError`. Every image file the toolkit reads
+(model inputs, GT masks, the CRF's images, COCO-Stuff maps) is opened by
+:func:`read_image_file`: PIL reads the header, and nothing over :data:`MAX_IMAGE_PIXELS` is
+decoded.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -37,8 +42,16 @@ PATCH_SIZE = 16
 #: below this; larger photos are downscaled first (aspect ratio kept), see :func:`open_image`.
 DEFAULT_MAX_SIDE = 4096
 
+#: Largest image, in pixels (width x height as the file's header states them), that any reader of
+#: the toolkit decodes (:func:`read_image_file`): PIL's default decompression-bomb limit, about
+#: 89.5 megapixels (an 8-bit RGB image of 256 MiB), fixed here so that it does not depend on
+#: what ``PIL.Image.MAX_IMAGE_PIXELS`` is set to. A 12-megapixel photo is far below it.
+MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+
 #: File-name extensions :func:`iter_image_files` treats as images (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+_T = TypeVar("_T")
 
 _MEAN_T = torch.tensor(CLIP_MEAN, dtype=torch.float32)
 _STD_T = torch.tensor(CLIP_STD, dtype=torch.float32)
@@ -141,6 +154,78 @@ def _downscale(img: Image.Image, max_side: int) -> Image.Image:
     return img.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
+def _image_size_problem(size: tuple[int, int], what: str) -> str | None:
+    """Why an image of ``size`` = (W, H) is not read, or None."""
+    w, h = size
+    if w < 1 or h < 1:
+        return f"zero-size {what} ({w}x{h})"
+    if w * h > MAX_IMAGE_PIXELS:
+        return (f"{what} too large: {w}x{h} (WxH) = {w * h} pixels, more than the limit of "
+                f"{MAX_IMAGE_PIXELS} (tagclip.images.MAX_IMAGE_PIXELS)")
+    return None
+
+
+def _load_pixels(img: Image.Image) -> Image.Image:
+    img.load()
+    return img
+
+
+def read_image_file(path, what: str = "image", convert: Callable[[Image.Image], _T] | None = None,
+                    data: bytes | None = None) -> _T:
+    """The toolkit's one way of opening an image file; every reader calls it.
+
+    Opens ``path`` (or ``data``, its bytes when the caller has read them already) with PIL,
+    which reads the header only, checks the size the header states against
+    :data:`MAX_IMAGE_PIXELS` (and that it is not zero) BEFORE any pixel is decoded, and
+    returns ``convert(img)`` while the file is open (default: the image, fully loaded).
+    ``convert`` is where the caller decodes (``np.asarray(img)``, a mode conversion) or only
+    reads the header (``lambda img: img.size``); it must do nothing else, since every error it
+    raises is taken for a problem of the file.
+
+    PIL's own decompression-bomb check (``PIL.Image.MAX_IMAGE_PIXELS``, by default the same
+    number: warning above it, error above twice it) applies too; its warning is turned into an
+    error (``warnings.catch_warnings``, which changes the process-wide warning filters while the
+    file is open), so no image over the limit is decoded whichever of the two is lower. The
+    size is checked again after ``convert`` for formats that settle their size on loading.
+
+    Every problem is an :class:`InputError` ``(path, problem)`` naming the file, ``what`` naming
+    the kind of file in the problem: ``{what} not found``, ``is a directory, not a {what}``,
+    ``cannot read {what}: empty file (0 bytes)``, ``cannot read {what}: not a recognised image
+    format``, ``cannot read {what}: <PIL's reason>``, ``zero-size {what} (WxH)``, ``{what} too
+    large: ...``. A MemoryError is not bad input and keeps its traceback.
+    """
+    spath = os.fspath(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if (len(data) if data is not None else os.path.getsize(spath)) == 0:
+                raise InputError(spath, f"cannot read {what}: empty file (0 bytes)")
+            with Image.open(io.BytesIO(data) if data is not None else spath) as img:
+                problem = _image_size_problem(img.size, what)
+                if problem:
+                    raise InputError(spath, problem)
+                result = (convert or _load_pixels)(img)
+                problem = _image_size_problem(img.size, what)
+                if problem:
+                    raise InputError(spath, problem)
+                return result
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(spath, f"{what} not found") from None
+    except IsADirectoryError:
+        raise InputError(spath, f"is a directory, not a{'n' if what[:1] in 'aeiou' else ''} {what}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(spath, f"{what} too large: {_short_reason(e, spath)} "
+                                "(limit: PIL.Image.MAX_IMAGE_PIXELS)") from None
+    except UnidentifiedImageError:
+        raise InputError(spath, f"cannot read {what}: not a recognised image format") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
+        raise InputError(spath, f"cannot read {what}: {_short_reason(e, spath)}") from None
+
+
 def open_image(path, exif_transpose: bool = False, max_side: int | None = DEFAULT_MAX_SIDE
                ) -> Image.Image:
     """Read an image file and return it, fully loaded, in mode ``'RGB'`` or ``'L'``.
@@ -176,15 +261,14 @@ def open_image(path, exif_transpose: bool = False, max_side: int | None = DEFAUL
 
     Images larger than ``max_side`` on their longest side are downscaled (after the mode
     conversion) with PIL BICUBIC (``reducing_gap=3.0``) so that the longest side is exactly
-    ``max_side``, keeping the aspect ratio; ``max_side=None`` turns this off. PIL's
-    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, left at whatever it is set to;
-    PIL's default is about 89 megapixels, far above a 12-megapixel photo) still applies:
-    both PIL's warning and its error for an image over the limit become an :class:`InputError`.
-    (This uses ``warnings.catch_warnings``, which changes the process-wide warning filters while
-    a file is opened.) Images smaller than 16 px on a side are valid.
+    ``max_side``, keeping the aspect ratio; ``max_side=None`` turns this off. The file is
+    opened by :func:`read_image_file`, so an image over :data:`MAX_IMAGE_PIXELS` (PIL's default
+    decompression-bomb limit, about 89 megapixels, far above a 12-megapixel photo) or over
+    ``PIL.Image.MAX_IMAGE_PIXELS`` is an :class:`InputError` before it is decoded. Images
+    smaller than 16 px on a side are valid.
 
     Raises :class:`InputError` ``(path, problem)`` for a missing file, a directory, an empty,
-    corrupt, truncated or non-image file, a zero-size image, an image over the bomb limit and
+    corrupt, truncated or non-image file, a zero-size image, an image over the pixel limit and
     an unsupported mode.
     """
     if max_side is not None and (not isinstance(max_side, int) or max_side < 1):
@@ -194,38 +278,14 @@ def open_image(path, exif_transpose: bool = False, max_side: int | None = DEFAUL
         raise InputError(spath, "is a directory, not an image file")
     if not os.path.exists(spath):
         raise InputError(spath, "no such file")
-    try:
-        if os.path.getsize(spath) == 0:
-            raise InputError(spath, "cannot read image: empty file (0 bytes)")
-    except OSError as e:
-        raise InputError(spath, f"cannot read image: {_short_reason(e, spath)}") from None
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(spath) as img:
-                img.load()
-                if img.size[0] < 1 or img.size[1] < 1:
-                    raise InputError(spath, f"zero-size image ({img.size[0]}x{img.size[1]})")
-                if exif_transpose:
-                    img = ImageOps.exif_transpose(img)
-                img = to_rgb_or_l(img)
-    except InputError:
-        raise
-    except FileNotFoundError:
-        raise InputError(spath, "no such file") from None
-    except IsADirectoryError:
-        raise InputError(spath, "is a directory, not an image file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InputError(spath, f"image too large: {_short_reason(e, spath)} "
-                                "(limit: PIL.Image.MAX_IMAGE_PIXELS)") from None
-    except UnidentifiedImageError:
-        raise InputError(spath, "cannot read image: not a recognised image format") from None
-    except MemoryError:
-        raise
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
-        raise InputError(spath, f"cannot read image: {_short_reason(e, spath)}") from None
+    def to_model_mode(img: Image.Image) -> Image.Image:
+        img.load()
+        if exif_transpose:
+            img = ImageOps.exif_transpose(img)
+        return to_rgb_or_l(img)
 
+    img = read_image_file(spath, "image", to_model_mode)
     if max_side is not None:
         img = _downscale(img, max_side)
     return img
