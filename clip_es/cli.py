@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from tqdm import tqdm
-from PIL import Image
 
 from clip.loading import checkpoint_sha256
 from clip.model import AttentionSchedule
@@ -31,12 +30,12 @@ from tagclip import distributed
 from tagclip.cli import (DEFAULT_PRECISION, PRECISION_CHOICES, SPLIT_IMAGE_EXT, check_outputs, guarded, load_model,
                          max_side_value, report_failures)
 from tagclip.errors import InputError, Interrupted
-from tagclip.images import DEFAULT_MAX_SIDE, load_model_input
+from tagclip.images import DEFAULT_MAX_SIDE, load_model_input, read_image_file
 from tagclip.journal import CamJournal, file_stamp, folder_lock, run_key
 from tagclip.labels import SplitEntry, read_split
 from tagclip.registry import get_dataset
 
-from .cams import CAM_TEMPLATE, cam_path, compute_cams, encode_cam_text, load_cam, save_cam
+from .cams import CAM_TEMPLATE, MAX_CAM_CLASSES, cam_path, compute_cams, encode_cam_text, load_cam, save_cam
 
 # SPEC §5 / §8: datasets of the CAM stage.
 CAM_DATASETS = ("voc2012", "coco2017", "cocostuff")
@@ -83,25 +82,28 @@ def generate_cams_parser() -> argparse.ArgumentParser:
 
 
 def read_label_file(path, dataset: str, num_classes: int) -> list[SplitEntry]:
-    """Label-file lines, ids checked against the vocabulary; COCO-Stuff errors say which ids."""
+    """Label-file lines, ids checked against the vocabulary; COCO-Stuff errors say which ids.
+    A line with more labels than a CAM file may hold (MAX_CAM_CLASSES) is refused here, before
+    a CAM file no reader would accept is written."""
     try:
-        return read_split(path, num_classes=num_classes)
+        entries = read_split(path, num_classes=num_classes)
     except InputError as err:
         if dataset == "cocostuff" and "outside the vocabulary" in err.problem:
             raise InputError(err.path, f"{err.problem} (COCO-Stuff label ids are the 171 class "
                                        f"indices; convert a 182-index split file first)") from None
         raise
+    for entry in entries:
+        if len(entry.labels) > MAX_CAM_CLASSES:
+            raise InputError(path, f"image {entry.id} lists {len(entry.labels)} labels, more than a CAM file "
+                                   f"holds (MAX_CAM_CLASSES = {MAX_CAM_CLASSES})")
+    return entries
 
 
 def file_size_hw(path: Path, loaded_hw: tuple[int, int], max_side: Optional[int]) -> tuple[int, int]:
     """The image file's own (H, W): ``loaded_hw`` unless ``max_side`` may have downscaled it."""
     if max_side is None or max(loaded_hw) < max_side:
         return loaded_hw
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-    except OSError as err:  # it was just decoded, so this is unexpected
-        raise InputError(path, f"cannot read image size: {err}") from None
+    w, h = read_image_file(path, convert=lambda img: img.size)  # the header only
     return h, w
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from tagclip.images import read_image_file
 from tagclip.labels import atomic_writer
 
 IGNORE_LABEL = 255
@@ -86,5 +87,4 @@ def write_label_png(path, labels: np.ndarray, confidence: Optional[np.ndarray] =
 
 def read_label_png(path) -> np.ndarray:
     """Labels of a mask written by :func:`write_label_png` (uint8 H x W)."""
-    with Image.open(path) as img:
-        return np.array(img)
+    return read_image_file(path, "mask", convert=np.array)

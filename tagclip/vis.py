@@ -23,6 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from clip_es.masks import IGNORE_LABEL, voc_colormap, write_bytes_atomic
 
+from .images import read_image_file
+
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
 DPI = 100
@@ -43,8 +45,7 @@ def load_rgb(image: ImageLike) -> Image.Image:
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
         return Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).convert("RGB")
-    with Image.open(image) as img:
-        return img.convert("RGB")
+    return read_image_file(image, convert=lambda img: img.convert("RGB"))
 
 
 def _png_bytes(img: Image.Image) -> bytes:

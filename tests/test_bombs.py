@@ -406,3 +406,20 @@ def test_deeply_nested_coco_json_is_one_line(tmp_path, capsys):
     assert status == 2
     assert err == f"error: {json_path}: not valid JSON (arrays or objects nested too deeply to parse)\n"
     assert not (tmp_path / "split.txt").exists()
+
+
+def test_a_label_line_longer_than_a_cam_file_holds_is_refused(tmp_path, capsys):
+    """generate_cams.py never writes a CAM file its readers would refuse (MAX_CAM_CLASSES maps)."""
+    from clip_es.cams import MAX_CAM_CLASSES
+    from clip_es.cli import generate_cams_main
+
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "img" / "a.jpg")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a " + " ".join(["3"] * (MAX_CAM_CLASSES + 1)) + "\n")
+    rc = generate_cams_main(["--dataset", "voc2012", "--img_root", str(tmp_path / "img"), "--split_file", str(labels),
+                             "--model", "/nonexistent.pt", "--device", "cpu", "--cam_out_dir", str(tmp_path / "cams")])
+    assert rc == 2
+    line = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()][-1]
+    assert line == (f"error: {labels}: image a lists {MAX_CAM_CLASSES + 1} labels, more than a CAM file holds "
+                    f"(MAX_CAM_CLASSES = {MAX_CAM_CLASSES})")

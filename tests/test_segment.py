@@ -161,3 +161,18 @@ def test_every_accepted_segment_flag_changes_something(folder, tmp_path, monkeyp
         err = capsys.readouterr().err
         got = _outputs(tmp_path / "elsewhere" if flag == "--out" else out) if rc in (0, 1) else None
         assert check(base, rc, got, err, list(calls)), (flag, rc, err[-500:])
+
+
+def test_every_per_image_step_is_inside_the_error_handling(folder, tmp_path, capsys):
+    """An image PIL reads but the CRF's OpenCV reader refuses (a float TIFF), with --crf and
+    --on_error skip: that image is listed, every other one is segmented, classes.json is written."""
+    Image.fromarray(np.linspace(0, 1, 48 * 32, dtype=np.float32).reshape(32, 48), mode="F").save(folder / "float.tif")
+    out = tmp_path / "out"
+    rc = main(["segment", str(folder), "--classes", "cat,dog", "--model_path", str(TINY), "--device", "cpu",
+               "--out", str(out), "--crf", "--on_error", "skip"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "1 image(s) failed" in err and str(folder / "float.tif") in err and "Traceback" not in err
+    legend = json.loads((out / "classes.json").read_text())
+    assert sorted(legend["tags"]) == sorted(SIZES)
+    assert sorted(p.stem for p in (out / "masks").glob("*.png")) == sorted(SIZES)
