@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import printable
+
 # SPEC §2: heads are width // 64 in both towers, whatever the checkpoint (OpenAI build_model).
 HEAD_WIDTH = 64
 # SPEC §2: QuickGELU constant.
@@ -511,8 +513,33 @@ class CLIP(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
 
 
+class StateDictMismatch(RuntimeError):
+    """A state dict that does not fit the model built from its shapes; the one-line message
+    names the first missing key, unexpected key or size mismatch and counts the rest."""
+
+
+def check_state_dict_fits(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`StateDictMismatch` unless ``state_dict`` has exactly ``model``'s keys and
+    shapes (what a strict ``load_state_dict`` demands, reported on one line)."""
+    expected = model.state_dict()
+    missing = [f"Missing key {printable(k)}" for k in expected if k not in state_dict]
+    unexpected = [f"Unexpected key {printable(k)}" for k in state_dict if k not in expected]
+    sizes = [f"Size mismatch for {printable(k)}: {list(state_dict[k].shape)} in the state dict, "
+             f"{list(v.shape)} in the model" for k, v in expected.items()
+             if k in state_dict and state_dict[k].shape != v.shape]
+    problems = missing + unexpected + sizes
+    if not problems:
+        return
+    rest = [f"{n} {what}" for n, what in ((len(missing), "missing"), (len(unexpected), "unexpected"),
+                                          (len(sizes), "size mismatches")) if n]
+    more = f" (and {len(problems) - 1} more; in all {', '.join(rest)})" if len(problems) > 1 else ""
+    raise StateDictMismatch(f"{problems[0]}{more}")
+
+
 def build_model(state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> CLIP:
-    """Build a CLIP ViT from an OpenAI state dict, reading the architecture from tensor shapes."""
+    """Build a CLIP ViT from an OpenAI state dict, reading the architecture from tensor shapes.
+
+    A state dict that does not fit that architecture raises :class:`StateDictMismatch`."""
     sd = {k: v for k, v in state_dict.items()
           if k not in ("input_resolution", "context_length", "vocab_size")}
     if "visual.conv1.weight" not in sd or "visual.proj" not in sd:
@@ -535,5 +562,6 @@ def build_model(state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.
         transformer_heads=text_width // HEAD_WIDTH,
         transformer_layers=text_layers,
     )
+    check_state_dict_fits(model, sd)
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
     return model.to(dtype).eval().requires_grad_(False)

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from clip.loading import checkpoint_sha256
 from clip.model import AttentionSchedule
 from tagclip import distributed
-from tagclip.cli import (DEFAULT_PRECISION, PRECISION_CHOICES, SPLIT_IMAGE_EXT, check_outputs, guarded, load_model,
-                         max_side_value, report_failures)
+from tagclip.cli import (DEFAULT_PRECISION, PRECISION_CHOICES, SPLIT_IMAGE_EXT, add_checkpoint_code_argument,
+                         check_outputs, guarded, load_model, max_side_value, report_failures)
 from tagclip.errors import InputError, Interrupted
 from tagclip.images import DEFAULT_MAX_SIDE, load_model_input, read_image_file
 from tagclip.journal import CamJournal, file_stamp, folder_lock, run_key
@@ -75,6 +75,7 @@ def generate_cams_parser() -> argparse.ArgumentParser:
                    help="downscale larger images to this longest side before the model (default %(default)s: "
                         "leaves every VOC/COCO image untouched); CAMs are still written at the file's size")
     p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
+    add_checkpoint_code_argument(p)
     p.add_argument("--vis_dir", default=None,
                    help="also draw one heat-map overlay per labelled class into this folder: "
                         "{id}_{classname}.png (default: none)")
@@ -204,7 +205,7 @@ def _write_cams(args, device, cfg, todo: Sequence[SplitEntry], paths: dict, out_
                 total: int, failures: list, written: set) -> None:
     """Compute and write the CAM files of ``todo`` (journaled one by one; ids into ``written``,
     unreadable images into ``failures``); the next image decodes while one is computed."""
-    model = load_model(args.model, device, args.precision, args.model_cache)
+    model = load_model(args.model, device, args.precision, args.model_cache, args.allow_checkpoint_code)
     text = encode_cam_text(model, cfg)
     attention = AttentionSchedule.for_device(device)
     with ThreadPoolExecutor(max_workers=1) as pool, \

@@ -102,6 +102,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "see README 'Precision')")
     p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
     p.add_argument("--no_text_cache", action="store_true", help="do not read or write cached text features")
+    add_checkpoint_code_argument(p)
 
 
 def add_image_arguments(p: argparse.ArgumentParser) -> None:
@@ -318,7 +319,7 @@ def _classify_locked(args, shard: distributed.Shard, vocab: _Vocabulary, entries
         print("num_images:", len(entries))
         print("device:", device if shard.world == 1 else f"{device} x {shard.world} processes")
         print(RULE + "\n")
-    model = load_model(args.model_path, device, precision, args.model_cache)
+    model = load_model(args.model_path, device, precision, args.model_cache, args.allow_checkpoint_code)
     tagger = Tagger(model, vocab.names, vocab.background,
                     params=vocab.dataset.params, label_threshold=vocab.dataset.label_rel_threshold,
                     use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
@@ -401,13 +402,22 @@ def check_outputs(folder=None, scores_out=None, vis_dir=None) -> None:
         writable_dir(vis_dir, "picture folder")
 
 
-def load_model(model_path: str, device, precision: str, cache_dir=None):
-    """The commands' one way to load a model: the device checked first, then the checkpoint;
-    every problem is an InputError (one line, exit status 2)."""
+def load_model(model_path: str, device, precision: str, cache_dir=None, allow_code: bool = False):
+    """The commands' one way to load a model: the device checked first, then the checkpoint
+    (read as data unless ``allow_code``, ``--allow_checkpoint_code``); every problem is an
+    InputError (one line, exit status 2)."""
     import clip  # deferred: torch/open_clip import cost only when a model is needed
 
     return clip.load(model_path, device=clip.resolve_device(device), dtype=clip.precision_dtype(precision),
-                     cache_dir=cache_dir)
+                     cache_dir=cache_dir, allow_code=allow_code)
+
+
+def add_checkpoint_code_argument(p: argparse.ArgumentParser) -> None:
+    """``--allow_checkpoint_code``, on every command that loads a model."""
+    p.add_argument("--allow_checkpoint_code", action="store_true",
+                   help="load a TorchScript checkpoint with TorchScript itself, which RUNS CODE stored in the file; "
+                        "only for a file you trust (default: its tensors are read as data; OpenAI's releases and "
+                        "state-dict files never need this)")
 
 
 def report_failures(failures: Sequence) -> int:

@@ -12,11 +12,14 @@ DEMO_DATASETS = ("voc2007", "coco2014")
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import add_checkpoint_code_argument
+
     p.add_argument("--model_path", default="ViT-B/16",
                    help="OpenAI model name (downloaded on first use, SHA256 checked) or a checkpoint file")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--images", default=str(SAMPLES_DIR), help="image folder (default: the bundled samples)")
     p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
+    add_checkpoint_code_argument(p)
 
 
 def run_demo(args) -> int:
@@ -24,7 +27,7 @@ def run_demo(args) -> int:
 
     files = iter_image_files(args.images)
     images = [load_model_input(Path(args.images) / name)[0] for _, name in files]
-    model = load_model(args.model_path, args.device, DEFAULT_PRECISION, args.model_cache)
+    model = load_model(args.model_path, args.device, DEFAULT_PRECISION, args.model_cache, args.allow_checkpoint_code)
     device = next(model.parameters()).device
     for dataset in DEMO_DATASETS:
         tagger = Tagger.for_dataset(model, dataset)

@@ -83,7 +83,7 @@ def _segment_locked(args, names, background, files) -> int:
     from .tagger import Tagger
     from .vis import mask_comparison
 
-    model = load_model(args.model_path, args.device, args.precision, args.model_cache)
+    model = load_model(args.model_path, args.device, args.precision, args.model_cache, args.allow_checkpoint_code)
     tagger = Tagger(model, names, background, use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
     attention = AttentionSchedule.for_device(tagger.device)
     cam_cfg = CamConfig(names, background or COCO_STUFF_CAM_BACKGROUND,

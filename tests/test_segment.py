@@ -80,6 +80,9 @@ def _flag_cases(tmp_path: Path, folder: Path):
     big = tmp_path / "big"
     big.mkdir()
     Image.fromarray(np.random.default_rng(4).integers(0, 255, (96, 160, 3), dtype=np.uint8)).save(big / "b.jpg")
+    code_target = tmp_path / "written-by-archive-code"
+    code_ckpt = _code_archive(tmp_path / "tiny_with_code.pt", code_target)
+    assert _load_runs(code_ckpt, tmp_path) and not code_target.exists()  # as data: same weights, no code run
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in ("wide", "tall"):
@@ -111,7 +114,27 @@ def _flag_cases(tmp_path: Path, folder: Path):
                           lambda base, rc, got, err, calls: (tmp_path / "mc" / "sha256-memo.json").is_file()),
         "--no_text_cache": (["--no_text_cache"],
                             lambda base, rc, got, err, calls: not any((tmp_path / "nc" / "text").glob("*"))),
+        # The archive's code runs only with the flag (it writes a file); without it the same
+        # weights load as data (the baseline run below, same outputs, no file).
+        "--allow_checkpoint_code": (["--allow_checkpoint_code", "--model_path", str(code_ckpt)],
+                                    lambda base, rc, got, err, calls: code_target.exists() and not _differs(base, got)),
     }
+
+
+def _code_archive(path: Path, target: Path) -> Path:
+    """The tiny golden weights in a TorchScript archive whose code writes ``target`` on loading."""
+    import numpy as np_
+    import torch
+    from test_checkpoint_safety import FileWriter, _save_scripted, _tree
+
+    with np_.load(TINY) as z:
+        state = {k: torch.from_numpy(z[k]) for k in z.files}
+    return _save_scripted(_tree(state, FileWriter(str(target))), path)
+
+
+def _load_runs(ckpt: Path, tmp_path: Path) -> bool:
+    import clip
+    return clip.load(str(ckpt), cache_dir=tmp_path / "mc_probe") is not None
 
 
 def _argv(folder: Path, out: Path, extra) -> list[str]:
