@@ -214,9 +214,9 @@ def _fail(failures: list, image_id: str, err: InputError, on_error: str) -> None
 # ----------------------------------------------------------------------------- eval_cam.py
 
 def _load_cam_and_gt(args, config: EvalConfig, image_id: str):
+    keys, cams = read_cam(cam_path(args.cam_out_dir, image_id), config, args.cam_type)
     gt_file = gt_path(args.gt_root, image_id)
-    gt = read_gt(gt_file, config)  # first: its size bounds what the CAM file may hold
-    keys, cams = read_cam(cam_path(args.cam_out_dir, image_id), config, args.cam_type, expected_hw=gt.shape)
+    gt = read_gt(gt_file, config)
     check_same_size(gt_file, gt.shape, cams.shape[1:], "GT mask")
     return keys, cams, gt
 
@@ -313,8 +313,8 @@ def crf_worker(task: CrfTask) -> CrfResult:
 
     config = get_eval_config(task.dataset)
     try:
-        bgr = read_bgr(task.image_file)  # first: its size bounds what the CAM file may hold
-        keys, cams = read_cam(task.cam_file, config, expected_hw=bgr.shape[:2])
+        keys, cams = read_cam(task.cam_file, config)
+        bgr = read_bgr(task.image_file)
         check_same_size(task.image_file, bgr.shape[:2], cams.shape[1:], "image")
         gt = None
         if task.gt_file is not None:

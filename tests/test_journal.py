@@ -55,6 +55,7 @@ def voc_run(tmp_path, monkeypatch):
 
 def test_resumed_run_reuses_finished_rows_and_redoes_changed_images(voc_run, capsys):
     argv, out, imgs, tmp = voc_run
+    argv = argv + ["--batch_size", "1"]  # one image per batch: each image is kept or redone on its own
     assert classify_main(argv) == 0
     full = np.load(tmp / "s.npy")
     journal = out / ".voc2007_val_tagclip.txt.journal"
