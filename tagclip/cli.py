@@ -7,6 +7,7 @@ images are listed at the end and the exit status is 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .errors import EXIT_INTERRUPTED, InputError, Interrupted
-from .journal import ScoreJournal, file_stamp, folder_lock, run_key
+from .journal import CACHE_ENV, ScoreJournal, file_stamp, folder_lock, run_key
 from .images import DEFAULT_MAX_SIDE, iter_image_files, load_model_input
 from .labels import SplitEntry, check_scores_path, label_file_lines, label_file_name, labels_to_onehot, read_split, \
     writable_dir, write_scores, write_text_atomic
@@ -408,8 +409,11 @@ def load_model(model_path: str, device, precision: str, cache_dir=None, allow_co
     InputError (one line, exit status 2)."""
     import clip  # deferred: torch/open_clip import cost only when a model is needed
 
-    return clip.load(model_path, device=clip.resolve_device(device), dtype=clip.precision_dtype(precision),
-                     cache_dir=cache_dir, allow_code=allow_code)
+    device = clip.resolve_device(device)
+    if os.environ.get(CACHE_ENV):  # a cache the user chose must work; the default one is optional
+        writable_dir(os.environ[CACHE_ENV], f"cache folder ({CACHE_ENV})")
+    return clip.load(model_path, device=device, dtype=clip.precision_dtype(precision), cache_dir=cache_dir,
+                     allow_code=allow_code)
 
 
 def add_checkpoint_code_argument(p: argparse.ArgumentParser) -> None:

@@ -117,3 +117,21 @@ def test_an_absent_device_is_one_line(command, device, named, work, capsys):
     assert rc == 2
     assert _error_line(capsys).startswith(f"error: {named}: ")
     assert not os.path.exists(work / "seg" / "masks") and not os.path.exists(work / "cams" / "a.npy")
+
+
+@pytest.mark.parametrize("command", ["demo", "classify", "segment"])
+def test_a_cache_folder_under_a_file_is_one_line(command, work, capsys, monkeypatch):
+    """TAGCLIP_CACHE names a folder the run cannot create: one line naming it, status 2. (The
+    default cache is optional: a run goes on without it, with a warning.)"""
+    cache = work / "a_file" / "cache"
+    monkeypatch.setenv("TAGCLIP_CACHE", str(cache))
+    model = str(helpers.TINY_CHECKPOINT)
+    if command == "demo":
+        rc = main(["demo", "--model_path", model, "--device", "cpu"])
+    elif command == "classify":
+        rc = _classify(work, "--output_dir", work / "out", model=model)
+    else:
+        rc = main(["segment", str(work / "img"), "--classes", "cat,dog", "--model_path", model, "--device", "cpu",
+                   "--out", str(work / "seg")])
+    assert rc == 2
+    assert _error_line(capsys) == f"error: {cache}: cannot write into this cache folder (TAGCLIP_CACHE) (Not a directory)"
