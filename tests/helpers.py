@@ -215,11 +215,12 @@ class _Node(torch.nn.Module):
         return x
 
 
-def save_torchscript(state: dict, path) -> None:
-    """A scripted module tree whose parameters carry exactly ``state``'s dotted (OpenAI) names,
-    the layout of OpenAI's TorchScript checkpoints."""
-    import warnings
+def module_tree(state: dict, payload: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+    """A module tree whose parameters carry exactly ``state``'s dotted (OpenAI) names, with
+    ``payload`` (if any) as its first submodule: the layout of OpenAI's TorchScript archives."""
     root = _Node()
+    if payload is not None:
+        root.add_module("payload", payload)
     for key, value in state.items():
         *parents, leaf = key.split(".")
         node = root
@@ -228,6 +229,12 @@ def save_torchscript(state: dict, path) -> None:
                 node.add_module(part, _Node())
             node = node._modules[part]
         node.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
+    return root
+
+
+def save_torchscript(state: dict, path) -> None:
+    """:func:`module_tree` of ``state``, scripted and saved as OpenAI's checkpoints are."""
+    import warnings
     with warnings.catch_warnings():  # scripting is deprecated upstream; only used to make fixtures
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(root).save(str(path))
+        torch.jit.script(module_tree(state)).save(str(path))

@@ -116,13 +116,6 @@ class ParamWriter(torch.nn.Module):
         self.written.fill_(88)
 
 
-class Node(torch.nn.Module):
-    """A module of the dotted tree that carries a state dict under OpenAI's names."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 class Layout(torch.nn.Module):
     """Parameters and buffers in the layouts a TorchScript archive can store: views of one
     float16 storage (strided, transposed, offset), a buffer before a parameter, ``None`` state,
@@ -167,21 +160,7 @@ def _save_scripted(module: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def _tree(state: dict[str, torch.Tensor], payload: Optional[torch.nn.Module] = None) -> Node:
-    """A :class:`Node` tree whose parameters carry ``state`` under its dotted names, with
-    ``payload`` (if any) as its first submodule."""
-    root = Node()
-    if payload is not None:
-        root.add_module("payload", payload)
-    for key, value in state.items():
-        *parents, leaf = key.split(".")
-        node = root
-        for part in parents:
-            if part not in node._modules:
-                node.add_module(part, Node())
-            node = node._modules[part]
-        node.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
-    return root
+_tree = helpers.module_tree
 
 
 def _clip_state(seed: int = 0) -> dict[str, torch.Tensor]:
