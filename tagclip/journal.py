@@ -35,11 +35,12 @@ except ImportError:  # pragma: no cover - Windows
 
 import numpy as np
 
+from clip.loading import CACHE_ENV  # moves every cache of the toolkit
+
 from .errors import InputError
 from .labels import atomic_writer
 
 MAGIC = "# tagclip-journal 3"
-CACHE_ENV = "TAGCLIP_CACHE"  # moves every cache of the toolkit (clip.loading reads it too)
 RESUME_DIR = "resume"
 # How much of a lock file names its owner.
 LOCK_OWNER_CHARS = 64

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -29,12 +28,15 @@ from clip import CLIP
 from clip.text import CONTEXT_LENGTH, TextTooLongError, tokenize
 
 from .errors import InputError
+from .journal import cache_dir
 from .labels import atomic_writer
 
 log = logging.getLogger(__name__)
 
 # Prompts per forward pass of the text tower; sorted by length, so padding stays small.
 TEXT_BATCH_SIZE = 256
+# Subfolder of the cache that holds text features.
+TEXT_CACHE_DIR = "text"
 # Bump when the way features are computed changes, so stale cache files are not reused.
 CACHE_FORMAT_VERSION = 1
 
@@ -102,9 +104,8 @@ def encode_prompt_ensemble(model: CLIP, names: Sequence[str], templates: Sequenc
 
 
 def default_text_cache_dir() -> Path:
-    root = os.environ.get("TAGCLIP_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tagclip")
-    return Path(root) / "text"
+    """``<cache>/text``, the toolkit's cache folder being :func:`tagclip.journal.cache_dir`."""
+    return cache_dir() / TEXT_CACHE_DIR
 
 
 def class_embeddings(model: CLIP, names: Sequence[str], templates: Sequence[str],
