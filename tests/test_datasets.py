@@ -470,27 +470,29 @@ def make_shipped_voc(folder: Path, text: str) -> Path:
     return folder
 
 
-def test_check_passes_when_ids_match_the_shipped_file(tmp_path, monkeypatch, capsys):
+def _check_against_shipped(tmp_path, monkeypatch, shipped_text: str) -> tuple[int, Path, Path]:
+    """``prepare --check`` of the 3-image VOC fixture against a shipped file holding
+    ``shipped_text``: (exit status, shipped folder, output path)."""
     monkeypatch.setitem(datasets.EXPECTED_SIZES, "voc2007", 3)
     root = make_voc(tmp_path / "VOC2007", "2007", VOC_ANNOTATIONS)
-    # same ids in the same order; labels in another convention are not compared
-    shipped = make_shipped_voc(tmp_path / "shipped", "000001 7 11\n000004\n000002 0\n")
+    shipped = make_shipped_voc(tmp_path / "shipped", shipped_text)
     monkeypatch.setattr(datasets, "IMAGESET_DIR", shipped)
     out = tmp_path / "split.txt"
-    assert datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out),
-                          "--check"]) == 0
+    rc = datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out), "--check"])
+    return rc, shipped, out
+
+
+def test_check_passes_when_ids_match_the_shipped_file(tmp_path, monkeypatch, capsys):
+    # same ids in the same order; labels in another convention are not compared
+    rc, _, out = _check_against_shipped(tmp_path, monkeypatch, "000001 7 11\n000004\n000002 0\n")
+    assert rc == 0
     assert out.read_text() == "000001 11 14 7\n000004 19\n000002 0\n"
     assert "wrote" in capsys.readouterr().err
 
 
 def test_check_fails_on_a_different_id(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(datasets.EXPECTED_SIZES, "voc2007", 3)
-    root = make_voc(tmp_path / "VOC2007", "2007", VOC_ANNOTATIONS)
-    shipped = make_shipped_voc(tmp_path / "shipped", "000001 11\n000002 0\n000004 19\n")
-    monkeypatch.setattr(datasets, "IMAGESET_DIR", shipped)
-    out = tmp_path / "split.txt"
-    assert datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out),
-                          "--check"]) == 1
+    rc, shipped, out = _check_against_shipped(tmp_path, monkeypatch, "000001 11\n000002 0\n000004 19\n")
+    assert rc == 1
     shipped_file = shipped / "voc2007" / "test_cls.txt"
     assert capsys.readouterr().err == (
         f"error: check failed: {shipped_file}: the shipped split has 3 images, this one 3; "
