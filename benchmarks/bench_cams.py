@@ -43,12 +43,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_classify import IMAGE_WH, make_images  # noqa: E402
 
 import clip  # noqa: E402
-import clip.model as clip_model  # noqa: E402
-from clip.model import AttentionSchedule  # noqa: E402
-from clip_es.cams import (HIGHRES_DTYPE, Trunk, cam_path, encode_cam_text, encode_trunk, gradcam,  # noqa: E402
-                          gradcam_per_target, image_text_rows, load_cam, refine_cams, save_cam, target_rows)
-from tagclip.images import load_model_input  # noqa: E402
-from tagclip.registry import get_dataset  # noqa: E402
+import clip.kernels as kernels  # noqa: E402
+from clip.kernels import AttentionSchedule  # noqa: E402
+from clip.preprocess import load_model_input  # noqa: E402
+from clip_es.cam_files import HIGHRES_DTYPE, cam_path, load_cam, save_cam  # noqa: E402
+from clip_es.cams import encode_cam_text, image_text_rows, refine_cams, target_rows  # noqa: E402
+from clip_es.gradcam import gradcam, gradcam_per_target  # noqa: E402
+from clip_es.registry import get_cam_config
+from clip_es.trunk import Trunk, cam_positional_table, encode_trunk  # noqa: E402
 
 # The authors' code on this machine kind (REFERENCE_TIMING.md / bench_vitb16_cpu.json, cams_voc).
 REF_PER_IMAGE_MEDIAN_S = 1.59
@@ -103,7 +105,7 @@ def main() -> None:
     print(f"precision {precision}")
     model = clip.load(str(ckpt), device=device, cache_dir=work / "model_cache",
                       dtype=clip.precision_dtype(precision))
-    cfg = get_dataset(DATASET).cam
+    cfg = get_cam_config(DATASET)
     labels = label_lists(args.n, len(cfg.class_names), args.seed, args.reference_label_counts)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     attention = AttentionSchedule.for_device(device)
@@ -128,13 +130,14 @@ def main() -> None:
     def plain_image(i: int) -> float:
         """The reference's schedule with our code on this machine now: maps of all 11 blocks
         kept, PyTorch's default GEMM, one forward + backward and one transition matrix per label."""
-        saved = clip_model._ONEDNN_LINEAR
-        clip_model._ONEDNN_LINEAR = False
+        saved = kernels._ONEDNN_LINEAR
+        kernels._ONEDNN_LINEAR = False
         try:
             t_start = time.perf_counter()
             x, size_hw = load_model_input(work / "JPEGImages" / f"{ids[i]}.jpg")
             with torch.no_grad():
-                tokens = model.visual.embed(x[None].to(device), always_resize_pos=True)
+                tokens = model.visual.embed(x[None].to(device), cam_positional_table(model.visual.positional_embedding,
+                                                                                    model.visual.grid_of(x[None])))
                 maps = []
                 for block in model.visual.transformer.resblocks[:-1]:
                     tokens, weights = block(tokens, None, need_weights=True)
@@ -149,7 +152,7 @@ def main() -> None:
             sync()
             return time.perf_counter() - t_start
         finally:
-            clip_model._ONEDNN_LINEAR = saved
+            kernels._ONEDNN_LINEAR = saved
 
     one_image(0)  # warm-up (allocator, oneDNN kernels)
     passes, plain_passes = [], []

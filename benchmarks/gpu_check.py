@@ -30,22 +30,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
 import eval_helpers as eh  # noqa: E402
 import helpers  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from test_cams import HIGHRES_ATOL, VARIANTS, write_label_file  # noqa: E402
-from clip.model import ALL_AT_ONCE, CPU_ATTENTION  # noqa: E402
-from clip_es.cams import compute_cams, encode_cam_text, load_cam  # noqa: E402
+
+from clip.kernels import ALL_AT_ONCE, CPU_ATTENTION  # noqa: E402
+from clip.preprocess import load_model_input  # noqa: E402
+from clip_es.cam_files import load_cam
+from clip_es.cams import compute_cams, encode_cam_text
 from clip_es.cli import generate_cams_main  # noqa: E402
 from clip_es.eval_cli import eval_cam_main, eval_crf_main  # noqa: E402
-from tagclip.cli import classify_main  # noqa: E402
-from tagclip.distributed import plan  # noqa: E402
-from tagclip.images import load_model_input  # noqa: E402
-from tagclip.registry import get_dataset  # noqa: E402
+from clip_es.registry import get_cam_config
 from tagclip import tagger as tagger_module  # noqa: E402
+from tagclip.cli import classify_main  # noqa: E402
 from tagclip.tagger import Schedule, Tagger, stage_batch  # noqa: E402
+from toolkit.sharding import plan  # noqa: E402
 
 # Schedules on one device: different batch shapes in the products (the CPU suite's bound).
 SCHEDULE_ATOL = 1e-6
@@ -121,7 +122,7 @@ def check_miou(variant: str, crf: bool, work: Path) -> str:
     got = json.loads(scores.read_text())
     want = eh.expected_score(variant, "eval_crf" if crf else "eval_cam")
     try:
-        eh.compare_scores(got, want, get_dataset(eh.dataset_of(variant)).cam.eval_num_classes)
+        eh.compare_scores(got, want, get_cam_config(eh.dataset_of(variant)).eval_num_classes)
     except AssertionError as err:
         raise Check(str(err)) from None
     return f"mIoU {got['Mean IoU']:.4f} vs reference {eh.as_float(want['Mean IoU']):.4f} (tolerance {eh.IOU_TOL})"
@@ -138,7 +139,7 @@ def check_schedules(device: str) -> str:
         runs = [Tagger.for_dataset(model, dataset, schedule=s).scores(images)
                 for s in (Schedule.for_device("cpu"), gpu)]
         worst = max(worst, float((runs[0] - runs[1]).abs().max()))
-    cfg = get_dataset("voc2012").cam
+    cfg = get_cam_config("voc2012")
     x, size_hw = load_model_input(helpers.golden_image_path("voc2007", helpers.golden_image_ids("voc2007")[0]))
     text = encode_cam_text(model, cfg)
     cams = [compute_cams(model, x, (0, 14, 2), text, cfg, size_hw, a).attn_highres for a in (CPU_ATTENTION, ALL_AT_ONCE)]

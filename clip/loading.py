@@ -20,36 +20,34 @@ when the data reader refuses a file whose SHA256 is one of OpenAI's releases (:d
 
 Tensors keep their stored dtype (OpenAI's weights are float16) and live on the CPU; a NaN or
 infinity in any floating-point tensor is refused. Every problem the user can cause is raised as
-:class:`tagclip.errors.InputError` with a one-line message naming the file.
+:class:`toolkit.errors.InputError` with a one-line message naming the file.
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import http.client
 import io
 import json
 import logging
-import math
 import os
 import pathlib
-import pickle
-import pickletools
-import re
-import struct
-import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import InputError, printable
+from toolkit.cli import ALLOW_CODE_FLAG  # the command-line spelling of ``allow_code=True``
+from toolkit.devices import precision_dtype, resolve_device
+from toolkit.errors import InputError, printable, short_reason
+from toolkit.files import CACHE_ENV, atomic_writer, writable_dir
+from toolkit.files import cache_dir as toolkit_cache_dir
+
+from .torchscript import CHUNK_BYTES, NotReadableAsData, read_torchscript_data
 
 log = logging.getLogger(__name__)
 
@@ -59,40 +57,20 @@ OPENAI_MODELS: dict[str, str] = {
     "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
 }
 
-CHUNK_BYTES = 1 << 20  # read / download granularity (1 MiB)
 DOWNLOAD_TIMEOUT_S = 60.0  # socket timeout for one read while downloading
-CACHE_ENV = "TAGCLIP_CACHE"  # overrides the cache folder
+CHECKPOINT_CACHE = "clip"  # the cache folder's name, as OpenAI's clip package names it
 SHA256_MEMO_NAME = "sha256-memo.json"  # sidecar in the cache folder: path -> (size, mtime_ns, sha256)
-PART_SUFFIX = ".part"  # a download in progress
 REQUIRED_KEYS = ("visual.conv1.weight", "token_embedding.weight", "logit_scale")
 STRIP_PREFIX = "module."  # left by DataParallel / DistributedDataParallel
 NOT_A_CHECKPOINT = "not a CLIP checkpoint (TorchScript archive, state dict or .npz)"
 CANNOT_READ_AS_DATA = "cannot read this TorchScript archive as data"
 NON_FINITE = "not a usable checkpoint: NaN or infinite values in tensor"
-ALLOW_CODE_FLAG = "--allow_checkpoint_code"  # the command-line spelling of ``allow_code=True``
-MAX_REASON_CHARS = 160  # a foreign exception's text is cut to this in messages
-MAX_ARCHIVE_TEXT_BYTES = 64 << 20  # cap on a TorchScript archive's data.pkl, and on its code/ files together
 
 _ZIP_MAGIC = b"PK"
 _PICKLE_MAGIC = b"\x80"  # pickle protocol >= 2, as written by torch.save's legacy format
 _WEIGHTS_ONLY_FAILED = "Weights only load failed"  # how torch's weights-only refusals begin
 _WEIGHTS_ONLY_MARKER = "WeightsUnpickler error:"  # ... and where their reason follows
 
-# TorchScript archives: the storage types data.pkl names, the namespace of the archive's own
-# classes, and the lines of a code file that declare a class's parameters and buffers.
-_STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
-_SCRIPT_PACKAGE = "__torch__"
-_STORAGE_KEY = re.compile(r"\w{1,32}", re.ASCII)  # a storage record's name: torch writes "0", "1", ...
-_CLASS_LINE = re.compile(r"class (\w+)(?:\((\w+)\))?:")
-_DECLARED_NAMES = re.compile(r"  (__parameters__|__buffers__) = \[(.*)\]")
-_QUOTED = re.compile(r'"([^"\\]*)"')
-_SETSTATE_LINE = "  def __setstate__("
-_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")  # pickle opcodes that store into the memo at an index
 
 
 # ----------------------------------------------------------------------------- cache + hashing
@@ -100,10 +78,7 @@ _MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")  # pickle opcodes that store into 
 
 def default_cache_dir() -> pathlib.Path:
     """``$TAGCLIP_CACHE`` if set, else ``$XDG_CACHE_HOME/clip``, else ``~/.cache/clip``."""
-    if os.environ.get(CACHE_ENV):
-        return pathlib.Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base).expanduser() / "clip"
+    return toolkit_cache_dir(CHECKPOINT_CACHE)
 
 
 def _sha256_uncached(path: pathlib.Path) -> str:
@@ -132,15 +107,9 @@ def _remember_sha256(path: pathlib.Path, sha256: str, cache_dir: pathlib.Path) -
         memo_path = cache_dir / SHA256_MEMO_NAME
         memo = {k: v for k, v in _read_memo(memo_path).items() if os.path.exists(k)}
         memo[str(path.resolve())] = [st.st_size, st.st_mtime_ns, sha256]
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".sha256-memo-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(memo, f, indent=1, sort_keys=True)
-            os.replace(tmp, memo_path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as exc:
+        with atomic_writer(memo_path) as f:
+            f.write(json.dumps(memo, indent=1, sort_keys=True).encode("utf-8"))
+    except (OSError, InputError) as exc:
         log.debug("could not update %s in %s: %s", SHA256_MEMO_NAME, cache_dir, exc)
 
 
@@ -177,13 +146,18 @@ def _expected_sha256(url: str) -> str:
     return url.rstrip("/").split("/")[-2]
 
 
-def _download(url: str, dest: pathlib.Path) -> str:
-    """Stream ``url`` into ``dest`` with a progress bar; return the SHA256 of what was written."""
+class _DownloadFailed(Exception):
+    """The network (or the disk) failed during a download; ``args[0]`` is the cause."""
+
+
+def _download(url: str, out, name: str) -> str:
+    """Stream ``url`` into the binary file ``out`` with a progress bar; return the SHA256 of
+    what was written."""
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(dest, "wb") as out:
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name) as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name) as bar:
             while chunk := response.read(CHUNK_BYTES):
                 out.write(chunk)
                 digest.update(chunk)
@@ -192,26 +166,24 @@ def _download(url: str, dest: pathlib.Path) -> str:
 
 
 def _fetch(url: str, target: pathlib.Path, cache_dir: pathlib.Path) -> None:
-    """Download ``url`` to ``target`` via ``<target>.part``, verifying its SHA256 before renaming."""
+    """Download ``url`` to ``target`` atomically (:func:`~toolkit.files.atomic_writer`), the
+    SHA256 verified before the file takes the target's name."""
     expected = _expected_sha256(url)
-    part = target.with_name(target.name + PART_SUFFIX)
     hint = f"download it by hand and place it at this path, or pass --model_path /path/to/{target.name}"
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        got = _download(url, part)
-    except (OSError, http.client.HTTPException) as exc:
-        part.unlink(missing_ok=True)
+        with atomic_writer(target) as out:
+            try:
+                got = _download(url, out, target.name)
+            except (OSError, http.client.HTTPException) as exc:
+                raise _DownloadFailed(exc) from None
+            if got != expected:
+                raise InputError(url, f"SHA256 mismatch: expected {expected}, got {got}")
+    except _DownloadFailed as failed:
+        exc = failed.args[0]
         plain_url_error = isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError)
         reason = exc.reason if plain_url_error else exc
         state = "has the wrong SHA256" if target.is_file() else "not found"
         raise InputError(target, f"{state} and could not be downloaded from {url} ({reason}); {hint}") from None
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    if got != expected:
-        part.unlink(missing_ok=True)
-        raise InputError(url, f"SHA256 mismatch: expected {expected}, got {got}")
-    os.replace(part, target)
     _remember_sha256(target, got, cache_dir)
 
 
@@ -275,14 +247,11 @@ def _weights_only_reason(exc: BaseException) -> str:
 
 
 def _short(exc: BaseException) -> str:
-    """First line of an exception's message, trimmed to ``MAX_REASON_CHARS``; torch's
-    weights-only refusal becomes ``refused by weights-only loading: <what was refused>``."""
-    text = str(exc)
-    if text.startswith(_WEIGHTS_ONLY_FAILED):
-        text = f"refused by weights-only loading: {_weights_only_reason(exc)}"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    line = lines[0] if lines else type(exc).__name__
-    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
+    """:func:`~toolkit.errors.short_reason`, except that torch's weights-only refusal becomes
+    ``refused by weights-only loading: <what was refused>``."""
+    if str(exc).startswith(_WEIGHTS_ONLY_FAILED):
+        return short_reason(RuntimeError(f"refused by weights-only loading: {_weights_only_reason(exc)}"))
+    return short_reason(exc)
 
 
 def _zip_kind(path: pathlib.Path) -> str:
@@ -294,396 +263,6 @@ def _zip_kind(path: pathlib.Path) -> str:
     if names and all(n.endswith(".npy") for n in names):
         return "npz"
     return "torch"
-
-
-# ----------------------------------------------------------------------------- TorchScript as data
-
-
-class NotReadableAsData(ValueError):
-    """A TorchScript archive that :func:`read_torchscript_data` refuses; the message says why."""
-
-
-class _Record:
-    """Base of the inert records data.pkl is unpickled into: giving one a state is refused."""
-
-    __slots__ = ()
-    what = "record"  # what it stands for, in messages
-
-    def __setstate__(self, state: Any) -> None:
-        raise NotReadableAsData(f"data.pkl gives a state to a {self.what}")
-
-
-class _StorageType(_Record):
-    """What ``torch.FloatStorage`` and its kin stand for in data.pkl: a dtype."""
-
-    __slots__ = ("name", "dtype")
-    what = "storage type"
-
-    def __init__(self, name: str, dtype: torch.dtype):
-        self.name, self.dtype = name, dtype
-
-
-class _StorageRef(_Record):
-    """One storage record of the archive (``data/<key>``) as data.pkl declares it."""
-
-    __slots__ = ("key", "dtype", "numel")
-    what = "storage"
-
-    def __init__(self, key: str, dtype: torch.dtype, numel: int):
-        self.key, self.dtype, self.numel = key, dtype, numel
-
-
-class _TensorRecord(_Record):
-    """A tensor as data.pkl describes it: a view of a storage, bounds already checked."""
-
-    __slots__ = ("storage", "offset", "size", "stride")
-    what = "tensor"
-
-    def __init__(self, storage: _StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...]):
-        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
-
-
-class _ScriptObject:
-    """Inert stand-in for an object of one of the archive's own TorchScript classes
-    (``__torch__.*``): it stores the state data.pkl gives it, nothing of the archive runs."""
-
-    __slots__ = ("state",)
-    script_class = ""  # the qualified TorchScript class name; set on each subclass
-
-    def __new__(cls, *args: Any, **kwargs: Any):
-        obj = super().__new__(cls)
-        obj.state = None
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
-        raise NotReadableAsData(f"a tensor's {what} is not a tuple of non-negative integers")
-    return tuple(value)
-
-
-def _tensor_record(storage: Any, offset: Any, size: Any, stride: Any) -> _TensorRecord:
-    """Check a tensor description against its storage: it must lie inside it and be no larger."""
-    if not isinstance(storage, _StorageRef):
-        raise NotReadableAsData(f"a tensor is built from a {type(storage).__name__}, not a storage record")
-    if type(offset) is not int or offset < 0:
-        raise NotReadableAsData(f"a tensor of storage {storage.key} has an offset that is not a non-negative integer")
-    size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
-    if len(size) != len(stride):
-        raise NotReadableAsData(f"a tensor of storage {storage.key} has {len(size)} sizes but {len(stride)} strides")
-    numel = math.prod(size)
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if numel else offset - 1
-    if last >= storage.numel or numel > storage.numel:
-        raise NotReadableAsData(
-            f"a tensor of size {list(size)}, stride {list(stride)}, offset {offset} does not fit storage "
-            f"{storage.key} of {storage.numel} elements")
-    return _TensorRecord(storage, offset, size, stride)
-
-
-def _no_hooks(hooks: Any) -> None:
-    if not isinstance(hooks, dict) or hooks:
-        raise NotReadableAsData("a tensor carries backward hooks")
-
-
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> _TensorRecord:
-    return _tensor_record(storage, offset, size, stride)
-
-
-def _rebuild_tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any,
-                       metadata: Any = None) -> _TensorRecord:
-    _no_hooks(hooks)
-    if metadata:  # conj / neg bits and the like: not weights of a CLIP model
-        raise NotReadableAsData("a tensor carries metadata (conjugate or negative bits, ...)")
-    return _tensor_record(storage, offset, size, stride)
-
-
-def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any) -> Any:
-    _no_hooks(hooks)
-    if not isinstance(data, _TensorRecord):
-        raise NotReadableAsData(f"a parameter wraps a {type(data).__name__}, not a tensor")
-    return data
-
-
-def _rebuild_parameter_with_state(data: Any, requires_grad: Any, hooks: Any, state: Any) -> Any:
-    if state:
-        raise NotReadableAsData("a parameter carries Python attributes")
-    return _rebuild_parameter(data, requires_grad, hooks)
-
-
-def _typed_list(items: Any) -> list:
-    if not isinstance(items, list):
-        raise NotReadableAsData(f"a TorchScript list is a {type(items).__name__}")
-    return items
-
-
-def _restore_type_tag(value: Any, type_name: Any) -> Any:
-    return value
-
-
-def _device_name(*args: Any) -> tuple:
-    return ("device", args)
-
-
-class _Allowed(_Record):
-    """An allowed global of data.pkl: a callable record that calls one function (it is not the
-    function itself, so that data.pkl cannot give that function attributes)."""
-
-    __slots__ = ("function",)
-    what = "global it may name"
-
-    def __init__(self, function: Any):
-        self.function = function
-
-    def __call__(self, *args: Any) -> Any:
-        return self.function(*args)
-
-
-# Every global data.pkl may name, each mapped to a function of this module (never to the
-# object the name refers to, except OrderedDict, which is called as is), besides the storage
-# types and the archive's own classes.
-_DATA_GLOBALS: dict[str, Any] = {
-    "torch._utils._rebuild_tensor": _Allowed(_rebuild_tensor),
-    "torch._utils._rebuild_tensor_v2": _Allowed(_rebuild_tensor_v2),
-    "torch._utils._rebuild_parameter": _Allowed(_rebuild_parameter),
-    "torch._utils._rebuild_parameter_with_state": _Allowed(_rebuild_parameter_with_state),
-    "collections.OrderedDict": _Allowed(collections.OrderedDict),
-    "torch.jit._pickle.build_intlist": _Allowed(_typed_list),
-    "torch.jit._pickle.build_doublelist": _Allowed(_typed_list),
-    "torch.jit._pickle.build_boollist": _Allowed(_typed_list),
-    "torch.jit._pickle.build_tensorlist": _Allowed(_typed_list),
-    "torch.jit._pickle.restore_type_tag": _Allowed(_restore_type_tag),
-    "torch.device": _Allowed(_device_name),
-    **{f"torch.{name}": _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
-}
-
-
-def _check_pickle(data: bytes) -> None:
-    """Walk data.pkl's opcodes before unpickling it: every length must lie inside the data, and
-    no memo index may exceed the number of opcodes before it (the C unpickler sizes its memo by
-    the largest index, so one large index would allocate gigabytes)."""
-    try:
-        for count, (opcode, arg, _) in enumerate(pickletools.genops(data)):
-            if opcode.name in _MEMO_PUTS and arg > count:
-                raise NotReadableAsData(f"data.pkl stores memo entry {arg} after only {count} opcodes")
-    except NotReadableAsData:
-        raise
-    except ValueError as exc:  # what genops raises on malformed data
-        raise NotReadableAsData(f"data.pkl is not a readable pickle ({printable(str(exc))})") from None
-
-
-class _DataUnpickler(pickle.Unpickler):
-    """Unpickles a TorchScript ``data.pkl`` into inert records: tensors stay descriptions,
-    module objects stay :class:`_ScriptObject` stand-ins, any other global is refused."""
-
-    def __init__(self, data: bytes):
-        super().__init__(io.BytesIO(data))
-        self._script_classes: dict[str, type] = {}
-        self._storages: dict[str, _StorageRef] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        qualified = f"{module}.{name}"
-        if qualified in _DATA_GLOBALS:
-            return _DATA_GLOBALS[qualified]
-        if module == _SCRIPT_PACKAGE or module.startswith(_SCRIPT_PACKAGE + "."):
-            if qualified not in self._script_classes:
-                self._script_classes[qualified] = type(
-                    "ScriptObject", (_ScriptObject,), {"__slots__": (), "script_class": qualified})
-            return self._script_classes[qualified]
-        raise NotReadableAsData(f"data.pkl names the global {printable(qualified)}, which is not allowed in data")
-
-    def persistent_load(self, pid: Any) -> _StorageRef:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise NotReadableAsData(f"data.pkl refers to a {type(pid).__name__} that is not a storage record")
-        _, kind, key, _location, numel = pid  # the location is ignored: everything loads to the CPU
-        if not (isinstance(key, str) and _STORAGE_KEY.fullmatch(key)):
-            raise NotReadableAsData(f"data.pkl names a storage record by a {type(key).__name__} that is not a "
-                                    f"record name")
-        if not isinstance(kind, _StorageType):
-            raise NotReadableAsData(f"storage {printable(key)} has a {type(kind).__name__} for its type")
-        if type(numel) is not int or numel < 0:
-            raise NotReadableAsData(f"storage {printable(key)} has a size that is not a non-negative integer")
-        ref = self._storages.setdefault(key, _StorageRef(key, kind.dtype, numel))
-        if (ref.dtype, ref.numel) != (kind.dtype, numel):
-            raise NotReadableAsData(f"storage {key} is declared both as {ref.numel} x {ref.dtype} and "
-                                    f"{numel} x {kind.dtype}")
-        return ref
-
-
-class _ClassInfo(NamedTuple):
-    is_module: bool
-    parameters: tuple[str, ...]
-    buffers: tuple[str, ...]
-    own_setstate: bool  # its state is restored by its own __setstate__ code
-
-
-def _parse_classes(text: str) -> dict[str, _ClassInfo]:
-    """The class declarations of one TorchScript code file, read line by line as text
-    (the layout ``torch.jit.save`` prints: ``class Name(Module):`` then two-space-indented
-    ``__parameters__ = ["a", ]`` / ``__buffers__ = [...]`` lines and methods)."""
-    found: dict[str, dict] = {}
-    current: dict | None = None
-    for line in text.splitlines():
-        line = line.rstrip()
-        if line and not line[0].isspace():
-            match = _CLASS_LINE.fullmatch(line)
-            current = None
-            if match:
-                current = found[match.group(1)] = {"base": match.group(2) or "", "__parameters__": (),
-                                                   "__buffers__": (), "setstate": False}
-        elif current is not None:
-            match = _DECLARED_NAMES.fullmatch(line)
-            if match:
-                current[match.group(1)] = tuple(_QUOTED.findall(match.group(2)))
-            elif line.startswith(_SETSTATE_LINE):
-                current["setstate"] = True
-    return {name: _ClassInfo(c["base"] == "Module", c["__parameters__"], c["__buffers__"], c["setstate"])
-            for name, c in found.items()}
-
-
-class _Declarations:
-    """Class declarations looked up in the archive's ``code/`` folder, each file read once."""
-
-    def __init__(self, archive: zipfile.ZipFile, prefix: str):
-        self._archive, self._prefix = archive, prefix
-        self._files: dict[str, dict[str, _ClassInfo]] = {}
-        self._budget = MAX_ARCHIVE_TEXT_BYTES
-
-    def get(self, qualified: str) -> _ClassInfo:
-        module, _, name = qualified.rpartition(".")
-        if not all(part.isidentifier() for part in module.split(".")):
-            raise NotReadableAsData(f"class name {printable(qualified)} is not a TorchScript class name")
-        record = f"code/{module.replace('.', '/')}.py"
-        if record not in self._files:
-            text = _read_record(self._archive, f"{self._prefix}/{record}", self._budget)
-            self._budget -= len(text)
-            self._files[record] = _parse_classes(text.decode("utf-8", errors="replace"))
-        if name not in self._files[record]:
-            raise NotReadableAsData(f"class {printable(qualified)} is not declared in {record}")
-        return self._files[record][name]
-
-
-def _read_record(archive: zipfile.ZipFile, name: str, limit: int = MAX_ARCHIVE_TEXT_BYTES) -> bytes:
-    """A small record (data.pkl, a code file), refused if it would exceed ``limit`` bytes."""
-    try:
-        info = archive.getinfo(name)
-    except KeyError:
-        raise NotReadableAsData(f"it has no {printable(name)}") from None
-    if info.file_size > limit:
-        raise NotReadableAsData(f"{printable(name)} is {info.file_size} bytes, more than the {limit} allowed")
-    with archive.open(info) as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise NotReadableAsData(f"{printable(name)} is more than the {limit} bytes allowed")
-    return data
-
-
-def _collect(root: Any, declarations: _Declarations) -> dict[str, _TensorRecord]:
-    """Parameters then buffers of each module, depth first, under their dotted attribute paths
-    (the order and names of ``torch.jit.load(...).state_dict()``)."""
-    if not isinstance(root, _ScriptObject) or not declarations.get(root.script_class).is_module:
-        raise NotReadableAsData(f"data.pkl holds a {type(root).__name__}, not a TorchScript module")
-    found: dict[str, _TensorRecord] = {}
-    seen: set[int] = set()
-    stack: list[tuple[str, _ScriptObject]] = [("", root)]
-    while stack:
-        prefix, module = stack.pop()
-        label = f"module {printable(prefix[:-1])}" if prefix else "the root module"
-        if id(module) in seen:
-            raise NotReadableAsData(f"{label} is reached twice")
-        seen.add(id(module))
-        info = declarations.get(module.script_class)
-        if info.own_setstate:
-            if info.parameters or info.buffers:
-                raise NotReadableAsData(f"{label} ({printable(module.script_class)}) sets its parameters "
-                                        f"with its own __setstate__ code")
-            continue  # no state of its own; whatever its code would do is not run
-        state = module.state
-        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise NotReadableAsData(f"the state of {label} is a {type(state).__name__}, not its attributes")
-        for declared in (info.parameters, info.buffers):
-            for name in declared:
-                if name not in state:
-                    raise NotReadableAsData(f"{label} declares {printable(name)} but data.pkl does not hold it")
-            for name, value in state.items():
-                if name not in declared or value is None:
-                    continue
-                if not isinstance(value, _TensorRecord):
-                    raise NotReadableAsData(f"{printable(prefix + name)} is a {type(value).__name__}, not a tensor")
-                found[prefix + name] = value
-        children = [(f"{prefix}{name}.", value) for name, value in state.items()
-                    if isinstance(value, _ScriptObject) and declarations.get(value.script_class).is_module]
-        stack.extend(reversed(children))
-    return found
-
-
-def _read_storage(archive: zipfile.ZipFile, prefix: str, ref: _StorageRef, budget: int) -> torch.Tensor:
-    """The bytes of storage record ``data/<key>`` as a uint8 tensor, after checking that the record
-    is stored uncompressed, holds exactly the declared bytes and fits in ``budget``."""
-    name = f"{prefix}/data/{ref.key}"
-    try:
-        info = archive.getinfo(name)
-    except KeyError:
-        raise NotReadableAsData(f"storage record data/{ref.key} is missing") from None
-    nbytes = ref.numel * ref.dtype.itemsize
-    if info.compress_type != zipfile.ZIP_STORED:
-        raise NotReadableAsData(f"storage record data/{ref.key} is compressed (TorchScript stores tensors as is)")
-    if info.file_size != nbytes:
-        raise NotReadableAsData(f"storage record data/{ref.key} holds {info.file_size} bytes, data.pkl declares "
-                                f"{ref.numel} x {ref.dtype} = {nbytes}")
-    if nbytes > budget:
-        raise NotReadableAsData(f"storage record data/{ref.key} ({nbytes} bytes) does not fit in the file")
-    data = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(data.numpy())
-    done = 0
-    with archive.open(info) as f:
-        while done < nbytes:
-            got = f.readinto(view[done: done + CHUNK_BYTES])
-            if not got:
-                raise NotReadableAsData(f"storage record data/{ref.key} is truncated")
-            done += got
-    return data
-
-
-def read_torchscript_data(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The parameters and buffers of a TorchScript archive, read as data: no code of the archive
-    runs. Raises :class:`NotReadableAsData` for an archive that cannot be read this way."""
-    path = pathlib.Path(path)
-    budget = path.stat().st_size
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        if not names:
-            raise NotReadableAsData("the archive is empty")
-        prefix = names[0].split("/", 1)[0]  # torch's reader: the first record's folder names the archive
-        if f"{prefix}/byteorder" in names:
-            order = _read_record(archive, f"{prefix}/byteorder", len("little")).decode("ascii", errors="replace")
-            if order != sys.byteorder:
-                raise NotReadableAsData(f"its tensors are stored {printable(order)}-endian")
-        data_pkl = _read_record(archive, f"{prefix}/data.pkl")
-        _check_pickle(data_pkl)
-        try:
-            root = _DataUnpickler(data_pkl).load()
-        except NotReadableAsData:
-            raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-                OverflowError, struct.error) as exc:
-            raise NotReadableAsData(f"data.pkl is not a readable pickle ({type(exc).__name__}: {_short(exc)})") from None
-        records = _collect(root, _Declarations(archive, prefix))
-        storages: dict[str, torch.Tensor] = {}
-        state: dict[str, torch.Tensor] = {}
-        for key, record in records.items():
-            ref = record.storage
-            if ref.key not in storages:
-                storages[ref.key] = _read_storage(archive, prefix, ref, budget)
-                budget -= storages[ref.key].numel()
-            tensor = torch.empty(0, dtype=ref.dtype)
-            state[key] = tensor.set_(storages[ref.key].untyped_storage(), record.offset, record.size, record.stride)
-    return state
 
 
 # ----------------------------------------------------------------------------- formats
@@ -823,41 +402,6 @@ def load_checkpoint(
 
 
 # ``--precision`` names -> parameter dtypes (README "Precision").
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def precision_dtype(name: str) -> torch.dtype:
-    """The dtype of a ``--precision`` name (fp32, fp16, bf16)."""
-    try:
-        return PRECISIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}") from None
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The torch device a user named (None: CUDA where available, else the CPU), checked to
-    exist before any work starts: an unknown name, or a CUDA device this machine does not
-    have, is an :class:`InputError` naming it."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise InputError(device, "not a torch device (examples: cpu, cuda, cuda:1)") from None
-    if chosen.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise InputError(device, "no CUDA device is available on this machine (use --device cpu)")
-        if chosen.index is not None and chosen.index >= count:
-            raise InputError(device, f"this machine has {count} CUDA device(s): cuda:0 .. cuda:{count - 1}")
-    elif chosen.type != "cpu":
-        try:
-            torch.empty(0, device=chosen)  # mps, xpu, ...: the device answers or it does not exist
-        except (RuntimeError, AssertionError) as err:
-            raise InputError(device, f"not available here ({_short(err)})") from None
-    return chosen
-
-
 def load(
     name_or_path: str | os.PathLike = "ViT-B/16", device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None, download: bool = True,
@@ -873,7 +417,7 @@ def load(
     :func:`load_state_dict`). A state dict that does not fit the architecture its shapes
     describe is refused naming the first missing key, unexpected key or size mismatch.
     """
-    from .model import StateDictMismatch, build_model  # local: keeps this module importable without the model
+    from clip.model import StateDictMismatch, build_model  # local: keeps this module importable without the model
 
     device = resolve_device(device)
     state, sha = load_checkpoint(name_or_path, cache_dir=cache_dir, download=download, allow_code=allow_code)
@@ -890,3 +434,15 @@ def load(
         return model.to(device)
     except RuntimeError as err:  # e.g. out of device memory
         raise InputError(name_or_path, f"cannot move the model to {device}: {_short(err)}") from None
+
+
+def load_model(model_path: str | os.PathLike, device: str | torch.device | None = None, precision: str = "fp32",
+               cache_dir: str | os.PathLike | None = None, allow_code: bool = False):
+    """The commands' one way to load a model: the device checked first, a cache folder the
+    user chose (``$TAGCLIP_CACHE``) checked writable, then :func:`load` with the ``--precision``
+    name's dtype. Every problem is an InputError (one line, exit status 2)."""
+    device = resolve_device(device)
+    if os.environ.get(CACHE_ENV):  # a cache the user chose must work; the default one is optional
+        writable_dir(os.environ[CACHE_ENV], f"cache folder ({CACHE_ENV})")
+    return load(model_path, device=device, dtype=precision_dtype(precision), cache_dir=cache_dir,
+                allow_code=allow_code)

@@ -6,18 +6,18 @@ SPEC §2. Differences from OpenAI's ``clip/model.py`` are all additive:
   WITHOUT the additive mask (the reference returns the unmasked softmax even when a mask
   changed the block's output);
 * attention masks are arguments of ``forward`` (one per block), never state of a module;
-* the positional table is resized to any patch grid, with the reference's float16 rounding
-  (quirk Q1) as an explicit switch;
+* the positional table is resized to any patch grid, or passed in by the caller (a method
+  that needs another table, as TagCLIP's and CLIP-ES's float16 rounding, builds its own);
 * tokens are batch-first, ``(batch, tokens, width)``; parameter names are unchanged, so
   OpenAI checkpoints load strictly.
 
 Attention runs on ``torch.nn.functional.scaled_dot_product_attention`` unless maps are
 requested; the explicit path follows the reference's order of operations
-(``q * scale`` before ``q @ kᵀ``) so that its maps match bit for bit where possible.
+(``q * scale`` before ``q @ kᵀ``) so that its maps match bit for bit where possible. How the
+products run (CPU kernels, loop schedules) lives in :mod:`clip.kernels`.
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections import OrderedDict
 from typing import NamedTuple, Optional, Sequence
@@ -26,124 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import printable
+from toolkit.errors import printable
+
+from .kernels import ALL_AT_ONCE, AttentionSchedule, Linear, PackedWeights, linear, steps
 
 # SPEC §2: heads are width // 64 in both towers, whatever the checkpoint (OpenAI build_model).
 HEAD_WIDTH = 64
 # SPEC §2: QuickGELU constant.
 QUICK_GELU_ALPHA = 1.702
-# oneDNN's fp32 GEMM beats MKL's sgemm by 5-15 % on the AMD CPUs we measured (same math up to
-# summation order); every float32 CPU product of the model goes through it, with and without
-# gradients, so that no result depends on autograd state.
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# oneDNN copies a plain weight into its blocked layout on every call; modules keep the blocked
-# copy instead (4-8 % less time per product for ViT-B/16, bit-identical results; about one
-# more copy of the float32 weights in memory). The layout is chosen for this many input rows
-# (the main pass of a 500x375 image); every row count from 20 to 1576 ran as fast with it.
-_ONEDNN_PACK_ROWS = 769
-# Shape of the capability probe of weight packing (rows, input width, output width).
-_PACK_PROBE_SHAPE = (_ONEDNN_PACK_ROWS, 64, 48)
-
-
-def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """oneDNN runs float32 products on the CPU (the kernel choice reads device and dtype only)."""
-    return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def packing_supported() -> bool:
-    """Whether this build can keep weights in oneDNN's blocked layout: the reorder operator
-    exists and a product with a packed weight equals the plain oneDNN product to the bit."""
-    if not (_ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
-        return False
-    rows, width, out = _PACK_PROBE_SHAPE
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(rows, width, generator=g), torch.randn(out, width, generator=g)
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, _ONEDNN_PACK_ROWS)
-        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
-                           torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
-    except RuntimeError:  # an operator this build registers but cannot run
-        return False
-
-
-def _packed(weight: torch.Tensor, cache: dict, slot: str) -> torch.Tensor:
-    """The blocked copy of ``weight`` kept in ``cache[slot]``, redone when the weight changed."""
-    key = (weight.data_ptr(), weight._version, weight.shape, weight.stride())
-    hit = cache.get(slot)
-    if hit is None or hit[0] != key:
-        with torch.no_grad():
-            hit = (key, torch.ops.mkldnn._reorder_linear_weight(weight, _ONEDNN_PACK_ROWS))
-        cache[slot] = hit
-    return hit[1]
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """x @ weightᵀ + bias through oneDNN (``kernel_weight``: the weight or its blocked copy);
-    the backward pass is the plain one, so the forward is the same with or without autograd."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, kernel_weight):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, kernel_weight, bias, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b, _ = ctx.needs_input_grad
-        rows = grad.reshape(-1, grad.shape[-1])  # (..., out) -> (N, out)
-        grad_x = grad @ weight if need_x else None
-        grad_w = rows.t() @ x.reshape(-1, x.shape[-1]) if need_w else None  # (out, N) @ (N, in)
-        grad_b = rows.sum(dim=0) if need_b and ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           cache: Optional[dict] = None, slot: str = "weight") -> torch.Tensor:
-    """``F.linear`` (x @ weightᵀ + bias), through oneDNN for float32 on the CPU; with a
-    ``cache`` dict the weight's blocked copy is kept there under ``slot``."""
-    if _onednn_applies(x, weight):
-        # Inference-mode tensors have no version counter to notice in-place changes with.
-        packable = cache is not None and not weight.is_inference() and packing_supported()
-        kernel_weight = _packed(weight, cache, slot) if packable else weight
-        try:
-            return _OneDNNLinear.apply(x, weight, bias, kernel_weight)
-        except RuntimeError:  # a layout this build's oneDNN does not take: the portable path
-            pass
-    return F.linear(x, weight, bias)
-
-
-class PackedWeights:
-    """Mixin for modules whose products go through :func:`linear` with a weight cache: the
-    cache is dropped when parameters move or change dtype (``_apply``) and never pickled."""
-
-    @property
-    def weight_cache(self) -> dict:
-        return self.__dict__.setdefault("_onednn_weights", {})
-
-    def _apply(self, *args, **kwargs):
-        self.__dict__.pop("_onednn_weights", None)
-        return super()._apply(*args, **kwargs)
-
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        state.pop("_onednn_weights", None)
-        return state
-
-
-class Linear(PackedWeights, nn.Linear):
-    """``nn.Linear`` (same parameters and names) running :func:`linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.weight_cache, "weight")
-
-    def input_gradient(self, grad: torch.Tensor) -> torch.Tensor:
-        """grad @ weight: the gradient w.r.t. the input, given the gradient w.r.t. the output."""
-        return linear(grad, self.weight.t(), None, self.weight_cache, "weight_t")
-
-
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 (input, weight and bias) whatever the dtypes (SPEC §2);
     the result has the input's dtype."""
@@ -161,47 +51,6 @@ class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = torch.mul(x, QUICK_GELU_ALPHA).sigmoid_()
         return gate.mul_(x) if not torch.is_grad_enabled() else x * gate
-
-
-class AttentionSchedule(NamedTuple):
-    """How the explicit attention path (the one that returns maps) is cut into steps.
-
-    Every schedule computes the same products per image and head, and the head average
-    always sums the heads one after another, so only speed and memory differ: outputs and
-    maps are bit-equal at CLIP's sizes (measured at 197 and 769 tokens); for tiny matrices a
-    BLAS may round a batched product apart from single ones (tests allow 1e-6 there). A CPU is fastest with one image and one head at a time, where one score
-    block stays in cache (ViT-B/16 at 769 tokens: as fast on plain blocks, half the time on
-    the main pass's self-only block, whose softmax is nearly all tiny values); a GPU with
-    everything at once. :meth:`for_device` is that rule; pass another schedule to override it.
-    """
-    images: Optional[int] = None  # images per step; None: the whole batch
-    heads: Optional[int] = None   # heads per step; None: all heads
-
-    @classmethod
-    def for_device(cls, device) -> "AttentionSchedule":
-        return CPU_ATTENTION if torch.device(device).type == "cpu" else ALL_AT_ONCE
-
-
-ALL_AT_ONCE = AttentionSchedule()
-CPU_ATTENTION = AttentionSchedule(images=1, heads=1)
-
-
-def _steps(n: int, size: Optional[int]) -> list[slice]:
-    """``size`` items at a time (None: all), as slices of range(n)."""
-    size = size or n or 1
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-class AttentionParts(NamedTuple):
-    """Intermediates of one unmasked explicit attention pass (:meth:`Attention.parts`), the
-    values an analytic backward pass reads."""
-    q: torch.Tensor        # (B, heads, L, d) queries, already scaled by 1/√d
-    k: torch.Tensor        # (B, heads, L, d)
-    v: torch.Tensor        # (B, heads, L, d)
-    probs: torch.Tensor    # (B, heads, L, L) softmax(q kᵀ), model dtype
-    heads: torch.Tensor    # (B, heads, L, d) probs @ v (a strided view)
-    out: torch.Tensor      # (B, L, D) after out_proj
-    weights: torch.Tensor  # (B, L, L) float32 head average of probs
 
 
 class Attention(PackedWeights, nn.Module):
@@ -235,7 +84,7 @@ class Attention(PackedWeights, nn.Module):
             k, v = linear(x, self.in_proj_weight[width:], self.in_proj_bias[width:], cache, "kv").chunk(2, dim=-1)
         return q, k, v
 
-    def _explicit_inputs(self, x: torch.Tensor, n_queries: Optional[int]):
+    def explicit_qkv(self, x: torch.Tensor, n_queries: Optional[int]):
         """q (scaled by 1/√d, the reference's order), k, v of the explicit path, (B, heads, n, d) each."""
         q, k, v = self._qkv(x, n_queries)
         q = q * (x.shape[-1] // self.heads) ** -0.5
@@ -281,7 +130,7 @@ class Attention(PackedWeights, nn.Module):
             probs = weights.to(scores.dtype) if low else weights
         return probs @ v, weights
 
-    def _explicit(self, q, k, v, mask, is_causal, heads_per_step: Optional[int],
+    def explicit_attention(self, q, k, v, mask, is_causal, heads_per_step: Optional[int],
                   keep_probs: Optional[torch.Tensor] = None):
         """(b, heads, Lq, d) -> (output (b, Lq, heads, d), head-averaged map (b, Lq, L)),
         ``heads_per_step`` heads at a time (None: all). The map is the heads' sum / heads, as
@@ -291,7 +140,7 @@ class Attention(PackedWeights, nn.Module):
         b, heads, n_q, d = q.shape
         out = q.new_empty(b, n_q, heads, d)
         total = None
-        for group in _steps(heads, heads_per_step):
+        for group in steps(heads, heads_per_step):
             o, w = self._explicit_heads(q[:, group], k[:, group], v[:, group],
                                         self._mask_heads(mask, group), is_causal)
             out[:, :, group] = o.transpose(1, 2)  # (b, h, Lq, d) -> (b, Lq, h, d)
@@ -306,25 +155,15 @@ class Attention(PackedWeights, nn.Module):
                     total.add_(w[:, j])
         return out, total / heads
 
-    def parts(self, x: torch.Tensor, schedule: AttentionSchedule = ALL_AT_ONCE) -> AttentionParts:
-        """Unmasked attention over (B, L, D) tokens with every intermediate kept; ``out`` and
-        ``weights`` equal ``forward(x, need_weights=True)``'s (same operations, same order)."""
-        b, n, width = x.shape
-        q, k, v = self._explicit_inputs(x, None)
-        probs = q.new_empty(b, self.heads, n, n)
-        heads, weights = self._explicit(q, k, v, None, False, schedule.heads, keep_probs=probs)  # (B, L, heads, d)
-        out = self.out_proj(heads.reshape(b, n, width))  # (B, L, heads, d) -> (B, L, D)
-        return AttentionParts(q, k, v, probs, heads.transpose(1, 2), out, weights)
-
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 need_weights: bool = False, is_causal: bool = False,
                 n_queries: Optional[int] = None, schedule: AttentionSchedule = ALL_AT_ONCE):
         b = x.shape[0]
         if need_weights:
-            q, k, v = self._explicit_inputs(x, n_queries)
-            parts = [self._explicit(q[rows], k[rows], v[rows], self._mask_rows(attn_mask, rows),
+            q, k, v = self.explicit_qkv(x, n_queries)
+            parts = [self.explicit_attention(q[rows], k[rows], v[rows], self._mask_rows(attn_mask, rows),
                                     is_causal, schedule.heads)
-                     for rows in _steps(b, schedule.images)]
+                     for rows in steps(b, schedule.images)]
             out = torch.cat([o for o, _ in parts]) if len(parts) > 1 else parts[0][0]  # (B, Lq, heads, d)
             avg = torch.cat([w for _, w in parts]) if len(parts) > 1 else parts[0][1]
         else:
@@ -395,13 +234,10 @@ class Transformer(nn.Module):
         return TransformerOutput(x, tuple(maps))
 
 
-def resize_positional_embedding(table: torch.Tensor, grid: tuple[int, int],
-                                round_fp16: bool = True) -> torch.Tensor:
+def resize_positional_embedding(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Positional table for a (gh, gw) patch grid: (1 + gh*gw, D).
 
     The patch rows are resized bilinearly (align_corners=False); the class row is kept.
-    Quirk Q1: the reference wraps the result (class row included) in float16 before use,
-    so ``round_fp16`` rounds it through float16 and back.
     """
     cls_row, patches = table[:1], table[1:]
     side = math.isqrt(patches.shape[0])
@@ -409,10 +245,7 @@ def resize_positional_embedding(table: torch.Tensor, grid: tuple[int, int],
     grid_map = patches.t().reshape(1, d, side, side)  # (P0, D) -> (1, D, s, s)
     grid_map = F.interpolate(grid_map, size=grid, mode="bilinear", align_corners=False)
     patches = grid_map.reshape(d, -1).t()  # (1, D, gh, gw) -> (gh*gw, D)
-    out = torch.cat([cls_row, patches], dim=0)
-    if round_fp16:
-        out = out.half().to(table.dtype)
-    return out
+    return torch.cat([cls_row, patches], dim=0)
 
 
 class VisionOutput(NamedTuple):
@@ -440,24 +273,27 @@ class VisionTransformer(nn.Module):
         side = self.input_resolution // self.patch_size
         return side, side
 
-    def positional_embedding_for(self, grid: tuple[int, int], always_resize: bool = False,
-                                 round_fp16: bool = True) -> torch.Tensor:
-        """TagCLIP uses the stored table at the native grid and a resized, float16-rounded
-        one elsewhere; CLIP-ES resizes (and rounds) always (quirk Q1)."""
-        if grid == self.native_grid and not always_resize:
+    def positional_embedding_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The stored table at the native grid, resized bilinearly elsewhere."""
+        if grid == self.native_grid:
             return self.positional_embedding
-        return resize_positional_embedding(self.positional_embedding, grid, round_fp16)
+        return resize_positional_embedding(self.positional_embedding, grid)
 
-    def embed(self, images: torch.Tensor, always_resize_pos: bool = False,
-              round_pos_fp16: bool = True) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 1 + P, width) tokens after ``ln_pre``; H, W multiples of the patch."""
+    def grid_of(self, images: torch.Tensor) -> tuple[int, int]:
+        """The (gh, gw) patch grid of (B, 3, H, W) images."""
+        return images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+
+    def embed(self, images: torch.Tensor, positional_embedding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + P, width) tokens after ``ln_pre``; H, W multiples of the patch.
+        ``positional_embedding``: the (1 + P, width) table to add (default
+        :meth:`positional_embedding_for` the images' grid)."""
         x = self.conv1(images.to(self.conv1.weight.dtype))  # (B, width, gh, gw)
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)  # (B, width, gh, gw) -> (B, P, width)
-        cls = self.class_embedding.to(x.dtype) + torch.zeros(
+        cls_token = self.class_embedding.to(x.dtype) + torch.zeros(
             x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)  # (B, 1, width)
-        x = torch.cat([cls, x], dim=1)  # (B, 1 + P, width)
-        pos = self.positional_embedding_for(grid, always_resize_pos, round_pos_fp16)
+        x = torch.cat([cls_token, x], dim=1)  # (B, 1 + P, width)
+        pos = self.positional_embedding_for(grid) if positional_embedding is None else positional_embedding
         return self.ln_pre(x + pos.to(x.dtype))
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -467,11 +303,12 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor,
                 attn_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
                 need_weights: bool = False, cls_only: bool = False,
-                always_resize_pos: bool = False, round_pos_fp16: bool = True,
+                positional_embedding: Optional[torch.Tensor] = None,
                 schedule: AttentionSchedule = ALL_AT_ONCE) -> VisionOutput:
         """Encode images; ``cls_only`` returns just the class token (B, 1, E) and skips the
-        last block's work for the patch tokens; ``schedule``: see :class:`AttentionSchedule`."""
-        x = self.embed(images, always_resize_pos, round_pos_fp16)
+        last block's work for the patch tokens; ``positional_embedding``: see :meth:`embed`;
+        ``schedule``: see :class:`~clip.kernels.AttentionSchedule`."""
+        x = self.embed(images, positional_embedding)
         out = self.transformer(x, attn_masks, need_weights,
                                last_block_queries=1 if cls_only else None, schedule=schedule)
         return VisionOutput(self.project(out.tokens), out.attentions)

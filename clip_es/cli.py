@@ -17,29 +17,38 @@ another precision, or with another checkpoint, into the same folder rewrites the
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
 from tqdm import tqdm
 
-from clip.loading import checkpoint_sha256
-from clip.model import AttentionSchedule
-from tagclip import distributed
-from tagclip.cli import (DEFAULT_PRECISION, PRECISION_CHOICES, SPLIT_IMAGE_EXT, add_checkpoint_code_argument,
-                         check_outputs, guarded, load_model, max_side_value, report_failures)
-from tagclip.errors import InputError, Interrupted
-from tagclip.images import DEFAULT_MAX_SIDE, load_model_input, read_image_file
-from tagclip.journal import CamJournal, file_stamp, folder_lock, run_key
-from tagclip.labels import SplitEntry, read_split
-from tagclip.registry import get_dataset
+from clip.kernels import AttentionSchedule
+from clip.loading import checkpoint_sha256, load_model
+from clip.preprocess import load_model_input
+from clip_es.cam_files import MAX_CAM_CLASSES, cam_path, load_cam, save_cam
+from clip_es.cams import CAM_TEMPLATE, compute_cams, encode_cam_text
+from toolkit import sharding
+from toolkit.cli import (
+    add_max_side_argument,
+    add_model_arguments,
+    add_on_error_argument,
+    add_vis_argument,
+    check_outputs,
+    guarded,
+    report_failures,
+)
+from toolkit.errors import InputError, Interrupted
+from toolkit.files import file_stamp
+from toolkit.images import file_size_hw
+from toolkit.prefetch import prefetched
+from toolkit.resume import CamJournal, folder_lock, run_key
+from toolkit.splits import SplitEntry, image_path, read_split
 
-from .cams import CAM_TEMPLATE, MAX_CAM_CLASSES, cam_path, compute_cams, encode_cam_text, load_cam, save_cam
+from .registry import CAM_CONFIGS, get_cam_config
 
-# SPEC §5 / §8: datasets of the CAM stage.
-CAM_DATASETS = ("voc2012", "coco2017", "cocostuff")
-DEFAULT_MODEL = "ViT-B/16"
+CAM_DATASETS = tuple(CAM_CONFIGS)
 
 
 def generate_cams_parser() -> argparse.ArgumentParser:
@@ -58,27 +67,13 @@ def generate_cams_parser() -> argparse.ArgumentParser:
                         "ground-truth split. Class ids index the dataset's vocabulary: for cocostuff the 171 "
                         "classes, so a 182-index COCO-Stuff split must be converted to 171-index ids first")
     p.add_argument("--cam_out_dir", required=True, help="output folder of the CAM files")
-    p.add_argument("--model", "--model_path", dest="model", default=DEFAULT_MODEL,
-                   help="OpenAI model name (downloaded to the cache, SHA256 checked) or a checkpoint file "
-                        "(TorchScript archive, state dict or .npz); default %(default)s")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
-                   help="model weights in float32 (default, on every device), float16 or bfloat16; Grad-CAM "
-                        "runs in this dtype, the gradients, CAMs, affinity and refinement in float32 "
-                        "(README 'Precision': what each mode changes, and by how much)")
-    p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
-                   help="on an unreadable image: stop at once (default) or skip it and report at the end")
+    add_model_arguments(p, names=("--model", "--model_path"))
+    add_on_error_argument(p)
     p.add_argument("--overwrite", action="store_true",
                    help="recompute every image (default: keep the CAM files an earlier run with the same "
                         "settings wrote for the same labels)")
-    p.add_argument("--max_side", type=max_side_value, default=DEFAULT_MAX_SIDE,
-                   help="downscale larger images to this longest side before the model (default %(default)s: "
-                        "leaves every VOC/COCO image untouched); CAMs are still written at the file's size")
-    p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
-    add_checkpoint_code_argument(p)
-    p.add_argument("--vis_dir", default=None,
-                   help="also draw one heat-map overlay per labelled class into this folder: "
-                        "{id}_{classname}.png (default: none)")
+    add_max_side_argument(p)
+    add_vis_argument(p, "one heat-map overlay per labelled class, {id}_{classname}.png")
     return p
 
 
@@ -100,18 +95,10 @@ def read_label_file(path, dataset: str, num_classes: int) -> list[SplitEntry]:
     return entries
 
 
-def file_size_hw(path: Path, loaded_hw: tuple[int, int], max_side: Optional[int]) -> tuple[int, int]:
-    """The image file's own (H, W): ``loaded_hw`` unless ``max_side`` may have downscaled it."""
-    if max_side is None or max(loaded_hw) < max_side:
-        return loaded_hw
-    w, h = read_image_file(path, convert=lambda img: img.size)  # the header only
-    return h, w
-
-
-def _load(path: Path, max_side: Optional[int]):
+def _load(path: Path, max_side: Optional[int], patch_size: int):
     """(model input, original (H, W)), or the InputError of an unreadable image."""
     try:
-        x, hw = load_model_input(path, max_side=max_side)
+        x, hw = load_model_input(path, max_side=max_side, patch_size=patch_size)
         return x, file_size_hw(path, hw, max_side)
     except InputError as err:
         return err
@@ -121,25 +108,25 @@ def draw_overlays(vis_dir, entries: Sequence[SplitEntry], img_root: Path, cam_di
                   class_names: Sequence[str]) -> None:
     """``--vis_dir``: heat-map overlays of every labelled class, read back from the CAM files
     (so images kept from an earlier run get pictures too)."""
-    from tagclip import vis  # deferred: matplotlib only when pictures are asked for
+    from toolkit import vis  # deferred: matplotlib only when pictures are asked for
 
     for entry in tqdm(entries, unit="img", desc="pictures", file=sys.stderr):
         keys, maps = load_cam(cam_path(cam_dir, entry.id))
         if len(keys):
-            vis.cam_overlays(img_root / f"{entry.id}{SPLIT_IMAGE_EXT}", keys.tolist(),
+            vis.cam_overlays(image_path(img_root, entry.id), keys.tolist(),
                              maps.astype("float32"), class_names, vis_dir, entry.id)
     print(f">>>pictures written to {vis_dir}")
 
 
 def run_generate_cams(args) -> int:
-    return distributed.sharded(_run_generate_cams, args, args.device)
+    return sharding.sharded(_run_generate_cams, args, args.device)
 
 
 JOURNAL_STEM = ".generate_cams"
 JOURNAL_SUFFIX = ".journal"
 
 
-def _cam_journal(out_dir: Path, key: str, shard: distributed.Shard) -> tuple[CamJournal, dict]:
+def _cam_journal(out_dir: Path, key: str, shard: sharding.Shard) -> tuple[CamJournal, dict]:
     """This rank's journal and the records of every journal of the same key in the folder
     (so a run keeps what runs with another number of processes wrote)."""
     journal = CamJournal(out_dir / f"{JOURNAL_STEM}{shard.tag}{JOURNAL_SUFFIX}", key)
@@ -149,36 +136,34 @@ def _cam_journal(out_dir: Path, key: str, shard: distributed.Shard) -> tuple[Cam
     return journal, done
 
 
-def _run_generate_cams(args, shard: distributed.Shard) -> int:
+def _run_generate_cams(args, shard: sharding.Shard) -> int:
     """Under torchrun every rank writes the CAM files of its share of the images (image j
     goes to rank j mod K); a rank's failures are reported by that rank."""
-    dataset = get_dataset(args.dataset)
-    cfg = dataset.cam
+    cfg = get_cam_config(args.dataset)
     entries = read_label_file(args.split_file, args.dataset, len(cfg.class_names))
-    entries = [entries[i] for i in distributed.owned_indices(len(entries), 1, shard)]
+    entries = [entries[i] for i in sharding.owned_indices(len(entries), 1, shard)]
     out_dir = Path(args.cam_out_dir)
     check_outputs(out_dir, vis_dir=args.vis_dir)
     with folder_lock(out_dir, JOURNAL_STEM.lstrip(".") + shard.tag):
-        return _generate_locked(args, shard, dataset, entries, out_dir)
+        return _generate_locked(args, shard, cfg, entries, out_dir)
 
 
-def _generate_locked(args, shard: distributed.Shard, dataset, entries: Sequence[SplitEntry], out_dir: Path) -> int:
+def _generate_locked(args, shard: sharding.Shard, cfg, entries: Sequence[SplitEntry], out_dir: Path) -> int:
     """The run, with the CAM folder locked against another run writing the same files."""
-    cfg = dataset.cam
     device = shard.device
     print(device)
     print(f">>>>generating {args.split_file}")
     print("image cnt:", len(entries))
 
     root = Path(args.img_root)
-    key = run_key(checkpoint=checkpoint_sha256(args.model, args.model_cache), precision=args.precision, cam=cfg,
+    key = run_key(checkpoint=checkpoint_sha256(args.model_path, args.model_cache), precision=args.precision, cam=cfg,
                   template=CAM_TEMPLATE, max_side=args.max_side, device=device.type, root=str(root.resolve()))
     journal, done = _cam_journal(out_dir, key, shard)
-    paths = {e.id: root / f"{e.id}{SPLIT_IMAGE_EXT}" for e in entries}
-    kept = {} if args.overwrite else {
-        e.id: done[e.id] for e in entries
-        if e.id in done and done[e.id][0] == file_stamp(paths[e.id])
-        and done[e.id][1] == (file_stamp(cam_path(out_dir, e.id)), tuple(e.labels))}
+    paths = {e.id: image_path(root, e.id) for e in entries}
+    labels = {e.id: tuple(e.labels) for e in entries}
+    kept = {} if args.overwrite else journal.valid(
+        {i: file_stamp(p) for i, p in paths.items()},
+        keep=lambda i, value: value == (file_stamp(cam_path(out_dir, i)), labels[i]), done=done)
     journal.start(kept)
     if shard.world == 1:  # one process: this journal now holds every record worth keeping
         for other in out_dir.glob(f"{JOURNAL_STEM}.rank*{JOURNAL_SUFFIX}"):
@@ -197,7 +182,7 @@ def _generate_locked(args, shard: distributed.Shard, dataset, entries: Sequence[
     if getattr(args, "vis_dir", None):
         # failed images have no CAM file of this run and get no picture
         finished = [e for e in entries if e.id in kept or e.id in written]
-        draw_overlays(args.vis_dir, finished, root, out_dir, dataset.class_names)
+        draw_overlays(args.vis_dir, finished, root, out_dir, cfg.display_names)
     return report_failures(failures)
 
 
@@ -205,16 +190,12 @@ def _write_cams(args, device, cfg, todo: Sequence[SplitEntry], paths: dict, out_
                 total: int, failures: list, written: set) -> None:
     """Compute and write the CAM files of ``todo`` (journaled one by one; ids into ``written``,
     unreadable images into ``failures``); the next image decodes while one is computed."""
-    model = load_model(args.model, device, args.precision, args.model_cache, args.allow_checkpoint_code)
+    model = load_model(args.model_path, device, args.precision, args.model_cache, args.allow_checkpoint_code)
     text = encode_cam_text(model, cfg)
     attention = AttentionSchedule.for_device(device)
-    with ThreadPoolExecutor(max_workers=1) as pool, \
-            tqdm(total=total, initial=total - len(todo), unit="img", desc="cams", file=sys.stderr) as bar:
-        pending = pool.submit(_load, paths[todo[0].id], args.max_side)
-        for i, entry in enumerate(todo):
-            loaded = pending.result()
-            if i + 1 < len(todo):  # decode the next image while this one runs
-                pending = pool.submit(_load, paths[todo[i + 1].id], args.max_side)
+    load = functools.partial(_load, max_side=args.max_side, patch_size=model.visual.patch_size)
+    with tqdm(total=total, initial=total - len(todo), unit="img", desc="cams", file=sys.stderr) as bar:
+        for entry, loaded in zip(todo, prefetched([paths[e.id] for e in todo], load)):
             if isinstance(loaded, InputError):
                 if args.on_error == "stop":
                     raise loaded

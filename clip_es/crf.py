@@ -8,14 +8,11 @@ float16 map), the image term from :func:`crf_image`, 10 mean-field iterations of
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
-from tagclip.registry import EvalConfig
+from clip_es.registry import EvalConfig
 
 from .evaluation import channel_labels, score_stack
-from .masks import apply_confidence_threshold
 
 # SPEC §6: dense CRF parameters of the reference (pydensecrf API names).
 CRF_ITERATIONS = 10
@@ -29,7 +26,7 @@ UNARY_CLIP = 1e-5
 # Q5: per-channel mean subtracted from the BGR image before the uint8 conversion.
 MEAN_BGR = (104.008, 116.669, 122.675)
 # The CRF's background channel is always (1 - max)^1 (the reference CRF has no threshold search).
-CRF_BG_POWER = 1
+CRF_THRES = 1
 
 
 def wrap_to_uint8(values) -> np.ndarray:
@@ -100,15 +97,9 @@ def crf_predict(keys, cams: np.ndarray, bgr: np.ndarray, config: EvalConfig,
     ``bgr`` is the 8-bit BGR image (same H x W as the CAMs). The probability map is
     ``[bg, cams...]`` for datasets with a background, the CAMs alone for COCO-Stuff.
     """
-    probs = score_stack(np.asarray(cams), CRF_BG_POWER, config.has_background)
+    probs = score_stack(np.asarray(cams), CRF_THRES, config.has_background)
     q = dense_crf(crf_image(bgr), probs, iterations)
     idx = np.argmax(q, axis=0)
     labels = channel_labels(keys, config)[idx].astype(np.uint8)
     return labels, q.max(axis=0)
 
-
-def crf_label(keys, cams: np.ndarray, bgr: np.ndarray, config: EvalConfig,
-              confidence_threshold: Optional[float] = None) -> np.ndarray:
-    """:func:`crf_predict` labels, with pixels below ``confidence_threshold`` set to 255."""
-    labels, confidence = crf_predict(keys, cams, bgr, config)
-    return apply_confidence_threshold(labels, confidence, confidence_threshold)

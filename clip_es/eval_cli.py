@@ -24,18 +24,34 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from tagclip import distributed
-from tagclip.cli import guarded, positive_int, report_failures
-from tagclip.errors import InputError, Interrupted
-from tagclip.journal import RESUME_DIR, HistJournal, cache_dir, file_stamp, folder_lock, run_key
-from tagclip.labels import writable_dir
-from tagclip.registry import EVAL_CONFIGS, EvalConfig, get_eval_config
+from clip_es.cam_files import cam_path
+from clip_es.masks import write_label_png
+from toolkit import sharding
+from toolkit.cli import add_on_error_argument, add_vis_argument, finite_float, guarded, positive_int, report_failures
+from toolkit.errors import InputError, Interrupted
+from toolkit.files import cache_dir, file_stamp, writable_dir, write_text_atomic
+from toolkit.resume import RESUME_DIR, HistJournal, folder_lock, run_key
+from toolkit.splits import image_path, read_split
+from toolkit.vis import bar_chart, mask_comparison
 
-from .cams import cam_path
-from .evaluation import (CAM_TYPE, DEFAULT_CAM_EVAL_THRES, FALLBACK_THRES, SegEvaluator, Scores,
-                         check_dir, check_same_size, format_scores, gt_path, image_path,
-                         predict, read_bgr, read_cam, read_gt, select_threshold, threshold_candidates)
-from .masks import write_label_png
+from .evaluation import (
+    CAM_TYPE,
+    DEFAULT_CAM_EVAL_THRES,
+    FALLBACK_THRES,
+    Scores,
+    SegEvaluator,
+    check_dir,
+    check_same_size,
+    format_scores,
+    gt_path,
+    predict,
+    read_bgr,
+    read_cam,
+    read_gt,
+    select_threshold,
+    threshold_candidates,
+)
+from .registry import EVAL_CONFIGS, EvalConfig, get_eval_config
 
 MASK_EXT = ".png"
 # prctl option: the signal the kernel sends a process when its parent dies (linux/prctl.h).
@@ -49,16 +65,6 @@ JOURNAL_SUFFIX = ".journal"
 
 # ----------------------------------------------------------------------------- arguments
 
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
-
-
 def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, choices=list(EVAL_CONFIGS),
                    help="class set of the CAMs and GT masks (voc2012: 21, coco2017: 81, cocostuff: 27 "
@@ -67,17 +73,13 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split_file", required=True, help="split file: one 'id [labels...]' line per image")
     p.add_argument("--pseudo_mask_save_path", default=None,
                    help="write one palette PNG label map per image into this folder")
-    p.add_argument("--confidence_threshold", type=_finite_float, default=None,
-                   help="in the saved pseudo masks, pixels whose winning score (CRF: max of Q) is below this become 255 "
-                        "(off by default; the evaluation always uses every pixel)")
+    p.add_argument("--confidence_threshold", type=finite_float, default=None,
+                   help="in the saved pseudo masks, pixels whose winning score (CRF: max of Q) is below this "
+                        "become 255 (off by default; the evaluation always uses every pixel)")
     p.add_argument("--save_scores", default=None,
                    help="also write the scores as JSON to this file (NaN as null)")
-    p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
-                   help="on a bad image (CAM, GT or image file): stop at once (default) or skip it "
-                        "and report at the end (exit status 1)")
-    p.add_argument("--vis_dir", default=None,
-                   help="also draw pictures into this folder: {id}.png (prediction beside the GT, with a "
-                        "colour legend) and iou_per_class.png (default: none)")
+    add_on_error_argument(p, "a bad image (CAM, GT or image file)")
+    add_vis_argument(p, "{id}.png (prediction beside the GT, with a colour legend) and iou_per_class.png")
 
 
 def eval_cam_parser() -> argparse.ArgumentParser:
@@ -85,7 +87,7 @@ def eval_cam_parser() -> argparse.ArgumentParser:
         prog="eval_cam.py", description="Evaluate CLIP-ES CAMs (argmax with background) against GT masks.")
     _common_arguments(p)
     p.add_argument("--cam_type", default=CAM_TYPE, choices=(CAM_TYPE,), help="CAM array to evaluate")
-    p.add_argument("--cam_eval_thres", type=_finite_float, default=DEFAULT_CAM_EVAL_THRES,
+    p.add_argument("--cam_eval_thres", type=finite_float, default=DEFAULT_CAM_EVAL_THRES,
                    help="reference background rule: >= 1 (default 2) uses (1 - max)^1; < 1 searches "
                         "constant background scores 0.05..0.6 and keeps the best")
     p.add_argument("--gt_root", required=True, help="folder of {id}.png GT masks")
@@ -105,7 +107,7 @@ def eval_crf_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_root", required=True, help="folder of {id}.jpg images")
     p.add_argument("--eval_only", action="store_true",
                    help="evaluate only; write no pseudo masks")
-    p.add_argument("--cam_eval_thres", type=_finite_float, default=DEFAULT_CAM_EVAL_THRES,
+    p.add_argument("--cam_eval_thres", type=finite_float, default=DEFAULT_CAM_EVAL_THRES,
                    help="accepted for compatibility and ignored: the CRF always uses (1 - max)^1")
     p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
                    help="worker processes (default: the number of CPUs)")
@@ -124,8 +126,6 @@ class Failure(NamedTuple):
 
 
 def _read_ids(split_file) -> list[str]:
-    from tagclip.labels import read_split  # deferred: pulls in torch
-
     return [entry.id for entry in read_split(split_file)]
 
 
@@ -165,16 +165,12 @@ def _report(config: EvalConfig, evaluator: SegEvaluator, args, thres: Optional[f
         print(f"warning: {evaluator.unexpected_gt_pixels} GT pixels hold values outside 0..{config.num_classes - 1} "
               f"and 255 and were ignored; is --dataset {config.name} right?", file=sys.stderr)
     if args.save_scores:
-        from tagclip.labels import write_text_atomic
-
         write_text_atomic(args.save_scores, _scores_json(config, scores, evaluator.images, extra))
     return report_failures(failures)
 
 
 def _draw_comparison(args, config: EvalConfig, image_id: str, labels, gt, thres) -> None:
     """``--vis_dir`` picture of one image: image (if ``--image_root``) | prediction | GT."""
-    from tagclip.vis import mask_comparison
-
     image = None
     if args.image_root:
         try:
@@ -196,8 +192,6 @@ def _iou_chart(args, config: EvalConfig, evaluator: SegEvaluator, title: str) ->
     """``--vis_dir``: per-class IoU bars (classes never seen in GT or prediction as n/a)."""
     if not getattr(args, "vis_dir", None):
         return
-    from tagclip.vis import bar_chart
-
     scores = evaluator.scores()
     bar_chart(config.class_names, scores.class_iou.tolist(),
               f"{title}: IoU per class (mIoU {scores.miou:.4f}, {evaluator.images} images)",
@@ -324,9 +318,7 @@ def crf_worker(task: CrfTask) -> CrfResult:
         if task.mask_file is not None:
             write_label_png(task.mask_file, labels, confidence, task.confidence_threshold)
         if task.vis_file is not None:
-            from tagclip.vis import mask_comparison
-
-            mask_comparison(bgr[..., ::-1], labels, gt, config.class_names, task.vis_file,
+                    mask_comparison(bgr[..., ::-1], labels, gt, config.class_names, task.vis_file,
                             title=f"{task.image_id} (CRF)")
     except InputError as err:
         return CrfResult(task.image_id, None, 0, (err.path, err.problem))
@@ -385,10 +377,10 @@ def _run_tasks(tasks: Sequence[CrfTask], jobs: int):
 
 
 def run_eval_crf(args) -> int:
-    return distributed.sharded(_run_eval_crf, args, "cpu")  # the CRF runs on CPUs: gloo
+    return sharding.sharded(_run_eval_crf, args, "cpu")  # the CRF runs on CPUs: gloo
 
 
-def _crf_journal(args, config: EvalConfig, mask_dir, shard: distributed.Shard) -> HistJournal:
+def _crf_journal(args, config: EvalConfig, mask_dir, shard: sharding.Shard) -> HistJournal:
     """Per-image confusion matrices of this run (resume after an interruption). It lives in the
     pseudo-mask folder, or for --eval_only runs (no output folder) in the cache's resume folder."""
     key = run_key(dataset=config.name, cams=str(Path(args.cam_out_dir).resolve()),
@@ -404,9 +396,7 @@ def _evaluate_share(args, config: EvalConfig, ids: Sequence[str], mask_dir: Opti
     """This process's images: resume from ``journal``, CRF the rest (a ``--jobs`` pool),
     journal each confusion matrix as it arrives; the journal goes once the share is complete."""
     stamps = {i: file_stamp(cam_path(args.cam_out_dir, i)) for i in ids}
-    done = {i: rec for i, rec in journal.load().items()
-            if i in stamps and rec[0] == stamps[i]
-            and (mask_dir is None or _mask_path(mask_dir, i).exists())}
+    done = journal.valid(stamps, keep=lambda i, _: mask_dir is None or _mask_path(mask_dir, i).exists())
     journal.start(done)
     if done:
         print(f"resuming: {len(done)} image(s) already evaluated")
@@ -442,7 +432,7 @@ def _evaluate_share(args, config: EvalConfig, ids: Sequence[str], mask_dir: Opti
     return evaluator, failures
 
 
-def _run_eval_crf(args, shard: distributed.Shard) -> int:
+def _run_eval_crf(args, shard: sharding.Shard) -> int:
     """Under torchrun every rank takes images j ≡ rank (mod K) (with its own ``--jobs`` pool),
     writes their masks and pictures, and rank 0 sums the confusion matrices and reports."""
     config = get_eval_config(args.dataset)
@@ -459,12 +449,12 @@ def _run_eval_crf(args, shard: distributed.Shard) -> int:
     if shard.is_main:
         print(f"{len(ids)} images to eval")
         print(f"# jobs: {args.jobs}" + (f" in each of {shard.world} processes" if shard.world > 1 else ""))
-    ids = [ids[i] for i in distributed.owned_indices(len(ids), 1, shard)]
+    ids = [ids[i] for i in sharding.owned_indices(len(ids), 1, shard)]
     journal = _crf_journal(args, config, mask_dir, shard)
     folder = writable_dir(journal.path.parent, "resume folder")
     with folder_lock(folder, journal.path.name.lstrip(".").removesuffix(JOURNAL_SUFFIX)):
         evaluator, failures = _evaluate_share(args, config, ids, mask_dir, journal)
-    gathered = distributed.gather((evaluator, failures), shard)
+    gathered = sharding.gather((evaluator, failures), shard)
     if not shard.is_main:
         return 0
     evaluator, failures = SegEvaluator(config.num_classes), []

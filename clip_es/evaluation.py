@@ -35,12 +35,11 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from tagclip.errors import InputError
-from tagclip.images import read_image_file
-from tagclip.labels import read_bytes
-from tagclip.registry import EvalConfig
-
-from .cams import load_cam
+from clip_es.cam_files import load_cam
+from clip_es.registry import EvalConfig
+from toolkit.errors import InputError
+from toolkit.files import read_bytes
+from toolkit.images import read_image_file
 
 IGNORE_LABEL = 255
 # Reference CAM type: the only array of the CAM dict that is evaluated.
@@ -207,22 +206,6 @@ def score_stack(cams: np.ndarray, thres=1, has_background: bool = True) -> np.nd
     return np.concatenate((background_score(cams, thres), cams), axis=0)
 
 
-def cam_to_label(keys, cams, bg_power=1, has_background: bool = True) -> np.ndarray:
-    """Per-pixel label from one CAM file's ``keys`` and ``attn_highres`` (int64 H x W).
-
-    With background: argmax over ``[background_score(cams, bg_power), cams...]`` (ties ->
-    lowest index, background first); 0 = background, ``keys[k] + 1`` for channel ``k``.
-    ``bg_power < 1`` is the reference's constant background score (see module docstring).
-    Without background (COCO-Stuff): ``keys[argmax cams]`` (map it with
-    :func:`labels_to_eval` to the coarse classes).
-    """
-    keys = np.asarray(keys, dtype=np.int64)
-    stack = score_stack(np.asarray(cams), bg_power, has_background)
-    idx = np.argmax(stack, axis=0)
-    lut = np.concatenate(([0], keys + 1)) if has_background else keys
-    return lut[idx]
-
-
 def key_lut(config: EvalConfig) -> np.ndarray:
     """Lookup table: evaluated label of every CAM class id (``config.key_to_label``)."""
     return np.asarray(config.key_to_label, dtype=np.int64)
@@ -243,17 +226,6 @@ def channel_labels(keys, config: EvalConfig) -> np.ndarray:
     if config.has_background:
         mapped = np.concatenate(([0], mapped))
     return mapped
-
-
-def labels_to_eval(labels, config: EvalConfig) -> np.ndarray:
-    """Map CAM-space labels of :func:`cam_to_label` to evaluated labels."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if config.has_background:
-        out = np.zeros_like(labels)
-        fg = labels > 0
-        out[fg] = key_lut(config)[labels[fg] - 1]
-        return out
-    return key_lut(config)[labels]
 
 
 def gt_to_eval(gt, config: EvalConfig) -> np.ndarray:
@@ -305,7 +277,7 @@ def _label_pixels(img) -> tuple[str, np.ndarray]:
 def read_gt(path, config: EvalConfig) -> np.ndarray:
     """Load a GT mask (palette or grey PNG: the stored value is the class) as evaluated labels.
 
-    Opened by :func:`tagclip.images.read_image_file`: a mask over the pixel limit is an
+    Opened by :func:`toolkit.images.read_image_file`: a mask over the pixel limit is an
     InputError before it is decoded."""
     path = Path(path)
     mode, arr = read_image_file(path, "GT mask", _label_pixels)
@@ -324,7 +296,7 @@ def read_bgr(path) -> np.ndarray:
     except that the EXIF orientation is ignored so that the image matches its CAM (the CAM
     stage reads the stored pixel layout).
 
-    PIL reads the header first (:func:`tagclip.images.read_image_file`: the pixel limit, a
+    PIL reads the header first (:func:`toolkit.images.read_image_file`: the pixel limit, a
     file PIL cannot identify is an InputError); the pixels are OpenCV's, as in the reference's
     CRF (PIL's JPEG decoder is a different libjpeg build, and PIL converts CMYK JPEGs and
     16-bit PNGs otherwise)."""
@@ -350,10 +322,6 @@ def check_same_size(path, shape_hw, cam_shape_hw, what: str) -> None:
 
 def gt_path(gt_root, image_id: str) -> Path:
     return Path(gt_root) / f"{image_id}.png"
-
-
-def image_path(image_root, image_id: str) -> Path:
-    return Path(image_root) / f"{image_id}.jpg"
 
 
 def check_dir(path, what: str) -> Path:

@@ -14,7 +14,8 @@ C = N foreground + M background classes:
    global crop re-classification with quirks Q2 and Q3
 
 :class:`TagCLIPParams` names every constant; the per-dataset values live in
-``tagclip.datasets``.
+:mod:`tagclip.registry`. The positional table's float16 rounding (quirk Q1) is the method's
+too (:func:`positional_table`), passed to the backbone as an argument.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from clip import CLIP
-from clip.model import ALL_AT_ONCE, AttentionSchedule
-
-from .boxes import TAGCLIP_CONTOURS, box_union, scoremap2bbox
+from clip.kernels import ALL_AT_ONCE, AttentionSchedule, steps
+from clip.model import VisionTransformer, resize_positional_embedding
+from toolkit.boxes import TAGCLIP_CONTOURS, box_masks
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,16 @@ class TagCLIPParams:
     crop_fusion_weight: float = 0.5       # §3.8: s ← w·s + (1 − w)·p
 
 
-# ---------------------------------------------------------------- step 1: masks
+# ---------------------------------------------------------------- step 1: masks and positions
+
+def positional_table(visual: VisionTransformer, grid: tuple[int, int]) -> torch.Tensor:
+    """Quirk Q1 (TagCLIP): the stored table at the native grid; elsewhere resized and rounded
+    through float16 (the reference wrapped the resized table in a float16 tensor) and back."""
+    if grid == visual.native_grid:
+        return visual.positional_embedding
+    table = visual.positional_embedding
+    return resize_positional_embedding(table, grid).half().to(table.dtype)
+
 
 def self_only_masks(n_blocks: int, n_tokens: int, value: float, device=None,
                     dtype=torch.float32) -> list[Optional[torch.Tensor]]:
@@ -89,9 +99,9 @@ def refinement_matrix(maps: torch.Tensor, layers: Sequence[int], vote: torch.Ten
     return maps[list(layers)].mean(dim=0) * vote.float()
 
 
-def attention_refine(refine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+def attention_refine(refinement: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     """S₁ = R @ S: (B, P, P) @ (B, P, C) -> (B, P, C)."""
-    return refine @ coarse
+    return refinement @ coarse
 
 
 # ---------------------------------------------------------------- step 6
@@ -102,27 +112,22 @@ def minmax_columns(scores: torch.Tensor) -> torch.Tensor:
     return shifted / shifted.max(dim=1, keepdim=True)[0]
 
 
-def box_masks(refined: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def class_box_masks(attn_refined: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(B, P, C) S₁ -> (B, P, C) 0/1 union of the boxes of every class map (SPEC §3.6, §7).
 
     Threshold per map = mean of its normalised values (float32, like the reference's tensor).
     """
     gh, gw = grid
-    norm = minmax_columns(refined)
+    norm = minmax_columns(attn_refined)
     # (B, P, C) -> (B, C, P): contiguous rows so each class mean reduces like the reference's 1-D mean.
     norm_t = norm.transpose(1, 2).contiguous()
     means = norm_t.mean(dim=-1).cpu().numpy()  # (B, C) float32
     maps = norm_t.cpu().numpy().reshape(*means.shape, gh, gw)  # (B, C, P) -> (B, C, gh, gw)
-    out = np.empty(maps.shape, dtype=np.float32)
-    for b in range(maps.shape[0]):
-        for c in range(maps.shape[1]):
-            boxes = scoremap2bbox(maps[b, c], means[b, c], TAGCLIP_CONTOURS)
-            out[b, c] = box_union(boxes, grid)
-    mask = torch.from_numpy(out).to(refined.device)
+    mask = torch.from_numpy(box_masks(maps, means, TAGCLIP_CONTOURS)).to(attn_refined.device)
     return mask.reshape(*means.shape, gh * gw).transpose(1, 2)  # (B, C, gh, gw) -> (B, P, C)
 
 
-def box_refine(refine: torch.Tensor, coarse: torch.Tensor, refined: torch.Tensor,
+def box_refine(refinement: torch.Tensor, coarse: torch.Tensor, attn_refined: torch.Tensor,
                grid: tuple[int, int]) -> torch.Tensor:
     """S₂: for each class with a positive maximum (quirk Q4: in practice all of them),
     (R with source columns outside the class's boxes zeroed) @ S[:, c]; others keep S₁.
@@ -130,10 +135,10 @@ def box_refine(refine: torch.Tensor, coarse: torch.Tensor, refined: torch.Tensor
     (R ⊙ B_c as a row mask) @ S[:, c] equals R @ (B_c ⊙ S[:, c]), so all classes take one
     batched matmul.
     """
-    mask = box_masks(refined, grid)
-    local = refine @ (mask * coarse)  # (B, P, C)
-    keep = (refined.max(dim=1, keepdim=True)[0] > 0)  # (B, 1, C)
-    return torch.where(keep, local, refined)
+    mask = class_box_masks(attn_refined, grid)
+    local = refinement @ (mask * coarse)  # (B, P, C)
+    keep = (attn_refined.max(dim=1, keepdim=True)[0] > 0)  # (B, 1, C)
+    return torch.where(keep, local, attn_refined)
 
 
 # ---------------------------------------------------------------- steps 7-8
@@ -145,7 +150,7 @@ def local_scores(local: torch.Tensor, n_foreground: int) -> torch.Tensor:
 
 class CropJob(NamedTuple):
     image: int                    # index in the batch
-    cls: int                      # foreground class index
+    class_index: int              # foreground class index
     box: tuple[int, int, int, int]  # x1, y1, x2, y2 in patches, end-exclusive
     region: torch.Tensor          # (gh_box, gw_box) bool region inside the box
 
@@ -212,9 +217,9 @@ def crop_probabilities(model: CLIP, crops: torch.Tensor, regions: torch.Tensor,
     """(K, 3, S, S) crops -> (K, C) softmax over all classes of the region-restricted class token."""
     visual = model.visual
     masks = region_masks(regions, visual.transformer.layers, params.region_mask_value)
-    cls = visual(crops, masks, cls_only=True).tokens[:, 0].float()  # (K, E), float32 from here on
-    cls = cls / cls.norm(dim=-1, keepdim=True)
-    return (model.logit_scale.float().exp() * cls @ text.float().t()).softmax(dim=-1)
+    token = visual(crops, masks, cls_only=True).tokens[:, 0].float()  # class token (K, E), float32 from here on
+    token = token / token.norm(dim=-1, keepdim=True)
+    return (model.logit_scale.float().exp() * token @ text.float().t()).softmax(dim=-1)
 
 
 def fuse(scores: torch.Tensor, jobs: Sequence[CropJob], probs: torch.Tensor, weight: float) -> torch.Tensor:
@@ -222,7 +227,7 @@ def fuse(scores: torch.Tensor, jobs: Sequence[CropJob], probs: torch.Tensor, wei
     out = scores.clone()
     if jobs:
         rows = torch.tensor([j.image for j in jobs], device=scores.device)
-        cols = torch.tensor([j.cls for j in jobs], device=scores.device)
+        cols = torch.tensor([j.class_index for j in jobs], device=scores.device)
         p = probs[torch.arange(len(jobs), device=probs.device), cols]
         out[rows, cols] = weight * out[rows, cols] + (1 - weight) * p
     return out
@@ -234,15 +239,10 @@ class TagCLIPOutput(NamedTuple):
     scores: torch.Tensor        # (B, N) final scores
     local_scores: torch.Tensor  # (B, N) before crop re-classification
     coarse: torch.Tensor        # S  (B, P, C)
-    refine: torch.Tensor        # R  (B, P, P)
+    refinement: torch.Tensor    # R  (B, P, P)
     attn_refined: torch.Tensor  # S₁ (B, P, C)
     box_refined: torch.Tensor   # S₂ (B, P, C)
     crops: list[CropJob]
-
-
-def _chunks(n: int, size: Optional[int]) -> list[slice]:
-    size = n if not size else size
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 @torch.no_grad()
@@ -259,13 +259,14 @@ def local_pass(model: CLIP, images: torch.Tensor, text: torch.Tensor, params: Ta
     grid = (images.shape[-2] // patch, images.shape[-1] // patch)
     masks = self_only_masks(visual.transformer.layers, 1 + grid[0] * grid[1], params.self_mask_value,
                             device=images.device, dtype=images.dtype)
-    out = visual(images, masks, need_weights=True, schedule=attention)
+    out = visual(images, masks, need_weights=True, positional_embedding=positional_table(visual, grid),
+                 schedule=attention)
     coarse = coarse_scores(out.tokens.float(), text.float(), model.logit_scale.float())
     maps = patch_maps([a.float() for a in out.attentions])
-    refine = refinement_matrix(maps, params.refine_layers, attention_vote(maps, params.vote_min_layers))
+    refinement = refinement_matrix(maps, params.refine_layers, attention_vote(maps, params.vote_min_layers))
     del maps, out
-    attn_refined = attention_refine(refine, coarse)
-    return coarse, refine, attn_refined, box_refine(refine, coarse, attn_refined, grid)
+    attn_refined = attention_refine(refinement, coarse)
+    return coarse, refinement, attn_refined, box_refine(refinement, coarse, attn_refined, grid)
 
 
 @torch.no_grad()
@@ -285,14 +286,14 @@ def classify_batch(model: CLIP, images: torch.Tensor, text: torch.Tensor, n_fore
     visual = model.visual
     patch = visual.patch_size
     grid = (images.shape[-2] // patch, images.shape[-1] // patch)
-    parts = [local_pass(model, images[s], text, params, attention) for s in _chunks(len(images), main_chunk)]
-    coarse, refine, attn_refined, local = (torch.cat(t) if len(parts) > 1 else t[0] for t in zip(*parts))
+    parts = [local_pass(model, images[s], text, params, attention) for s in steps(len(images), main_chunk)]
+    coarse, refinement, attn_refined, local = (torch.cat(t) if len(parts) > 1 else t[0] for t in zip(*parts))
     scores = local_scores(local, n_foreground)
     jobs = plan_crops(local, scores, grid, params.crop_rel_threshold, params.crop_mask_threshold)
     final = scores
     if jobs:
         crops, regions = crop_inputs(images, jobs, patch, visual.input_resolution, visual.native_grid)
         probs = torch.cat([crop_probabilities(model, crops[s], regions[s], text, params)
-                           for s in _chunks(len(jobs), crop_chunk)])
+                           for s in steps(len(jobs), crop_chunk)])
         final = fuse(scores, jobs, probs, params.crop_fusion_weight)
-    return TagCLIPOutput(final, scores, coarse, refine, attn_refined, local, jobs)
+    return TagCLIPOutput(final, scores, coarse, refinement, attn_refined, local, jobs)

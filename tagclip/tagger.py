@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 
 from clip import CLIP, TAGCLIP_TEMPLATES
-from clip.model import ALL_AT_ONCE, CPU_ATTENTION, AttentionSchedule
+from clip.kernels import ALL_AT_ONCE, CPU_ATTENTION, AttentionSchedule
+from clip.preprocess import load_model_input, to_model_input
+from toolkit.images import DEFAULT_MAX_SIDE
 
-from .images import DEFAULT_MAX_SIDE, load_model_input, to_model_input
-from .metrics import relative_thresholds
+from .labels import predicted_labels
 from .method import TagCLIPParams, classify_batch
 from .registry import REL_THRESHOLD, DatasetConfig, get_dataset
 from .text_features import class_embeddings
@@ -130,6 +131,11 @@ class Tagger:
     def device(self) -> torch.device:
         return self.text.device
 
+    @property
+    def patch_size(self) -> int:
+        """The model's patch: inputs are rounded to multiples of it."""
+        return self.model.visual.patch_size
+
     def scores(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """(n, N) float32 CPU scores for normalised (3, H, W) inputs (H, W multiples of 16)."""
         out = torch.empty(len(images), len(self.class_names), dtype=torch.float32)
@@ -144,20 +150,19 @@ class Tagger:
 
     def labels(self, scores: torch.Tensor) -> list[list[int]]:
         """Per image: classes above its relative threshold, or the argmax if none (SPEC §4)."""
-        scores = scores.reshape(-1, len(self.class_names))
-        above = scores > relative_thresholds(scores, self.label_threshold)[:, None]
-        return [row.nonzero().flatten().tolist() or [int(s.argmax())] for row, s in zip(above, scores)]
+        return predicted_labels(scores.reshape(-1, len(self.class_names)), self.label_threshold)
 
     def tag(self, image: Union[str, os.PathLike, Image.Image], exif_transpose: bool = False,
             max_side: Optional[int] = DEFAULT_MAX_SIDE) -> dict[str, float]:
         """Score of every class for one image (a path or a PIL image)."""
         if isinstance(image, Image.Image):
-            tensor = to_model_input(image)
+            tensor = to_model_input(image, patch_size=self.patch_size)
         else:
-            tensor, _ = load_model_input(image, exif_transpose=exif_transpose, max_side=max_side)
+            tensor, _ = load_model_input(image, exif_transpose=exif_transpose, max_side=max_side,
+                                         patch_size=self.patch_size)
         row = self.scores([tensor])[0]
         return dict(zip(self.class_names, row.tolist()))
 
     def tag_many(self, images: Iterable[Union[str, os.PathLike]], **kwargs) -> list[dict[str, float]]:
-        tensors = [load_model_input(p, **kwargs)[0] for p in images]
+        tensors = [load_model_input(p, patch_size=self.patch_size, **kwargs)[0] for p in images]
         return [dict(zip(self.class_names, row.tolist())) for row in self.scores(tensors)]

@@ -5,7 +5,7 @@
   through ``eval_cam.py`` / ``eval_cam_with_crf.py --on_error skip``, where the good images
   still give the reference's scores.
 * Image files: every reader (model input, GT mask, CRF image, COCO-Stuff map) checks the size in
-  the header against ``tagclip.images.MAX_IMAGE_PIXELS`` before decoding; a 30000x30000 PNG of a
+  the header against ``toolkit.images.MAX_IMAGE_PIXELS`` before decoding; a 30000x30000 PNG of a
   hundred KB, and one between PIL's warning and error limits, are one line each.
 * A COCO instances JSON nested 100000 levels deep is one ``error:`` line, exit status 2.
 
@@ -25,17 +25,18 @@ import sys
 import zlib
 from pathlib import Path
 
+import eval_helpers as eh
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-import eval_helpers as eh
-from clip_es import cams as C
-from clip_es.cams import load_cam
+from clip_es import cam_files as CF
+from clip_es.cam_files import load_cam
 from clip_es.evaluation import read_bgr, read_gt
-from tagclip import datasets, images
-from tagclip.errors import InputError
-from tagclip.registry import get_eval_config
+from clip_es.registry import get_eval_config
+from pipelines import datasets
+from toolkit import images
+from toolkit.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -195,7 +196,7 @@ def test_load_cam_bounds_by_the_image_size(tmp_path):
 def test_load_cam_refuses_a_file_larger_than_the_limits_allow(tmp_path):
     path = tmp_path / "a.npy"
     path.write_bytes(_npy({"keys": KEYS, "attn_highres": GOOD_MAPS}))
-    limit = C.cam_limits((2, 3)).file_bytes()
+    limit = CF.cam_limits((2, 3)).file_bytes()
     with open(path, "ab") as f:  # padding behind the pickle's STOP
         f.truncate(limit + 1)
     with pytest.raises(InputError, match=f"{limit + 1} bytes, more than the {limit} a CAM file within the limits"):
@@ -261,7 +262,7 @@ def test_every_reader_checks_the_one_pixel_limit_before_decoding(reader, tmp_pat
     with pytest.raises(InputError) as info:
         read(path)
     assert str(info.value) == (f"{path}: {what} too large: 40x30 (WxH) = 1200 pixels, more than the limit of 1199 "
-                               f"(tagclip.images.MAX_IMAGE_PIXELS)")
+                               f"(toolkit.images.MAX_IMAGE_PIXELS)")
 
 
 @pytest.mark.parametrize("reader", ["model input", "GT mask", "CRF image", "COCO-Stuff map"])
@@ -284,7 +285,7 @@ def test_own_limit_holds_when_pil_limit_is_off(bomb_pngs, monkeypatch):
 
 def test_pixel_limit_is_pils_default():
     assert images.MAX_IMAGE_PIXELS == 89_478_485
-    assert C.MAX_CAM_ELEMENTS == C.MAX_CAM_CLASSES * (images.MAX_IMAGE_PIXELS + 1)
+    assert CF.MAX_CAM_ELEMENTS == CF.MAX_CAM_CLASSES * (images.MAX_IMAGE_PIXELS + 1)
 
 
 # ----------------------------------------------------------------------------- command lines
@@ -367,7 +368,7 @@ def test_eval_scripts_skip_hostile_files_within_memory(script, kind, bomb_pngs, 
 
 _PREPARE_BOTH = (
     "import sys\n"
-    "from tagclip.datasets import main\n"
+    "from pipelines.command import main\n"
     "for root in sys.argv[1:]:\n"
     "    print('status', main(['prepare', '--dataset', 'cocostuff', '--all_images', '--root', root,\n"
     "                          '--out', root + '/split.txt']))\n"
@@ -375,7 +376,7 @@ _PREPARE_BOTH = (
 
 
 def test_prepare_refuses_bomb_stuff_maps_within_memory(bomb_pngs, tmp_path):
-    """``python -m tagclip.datasets prepare`` (its main) on a folder with one bomb map, then on one
+    """``tagclip prepare`` (its main) on a folder with one bomb map, then on one
     with a map between PIL's limits, in one process: one error line and status 2 each."""
     roots = []
     for size, png in bomb_pngs.items():
@@ -400,7 +401,7 @@ def test_deeply_nested_coco_json_is_one_line(tmp_path, capsys):
     (tmp_path / "annotations").mkdir()
     json_path = tmp_path / "annotations" / "instances_val2017.json"
     json_path.write_text('{"images": ' + "[" * depth + "]" * depth + ', "annotations": [], "categories": []}')
-    status = datasets.main(["prepare", "--dataset", "coco2017", "--root", str(tmp_path),
+    status = datasets.main(["--dataset", "coco2017", "--root", str(tmp_path),
                             "--out", str(tmp_path / "split.txt")])
     err = capsys.readouterr().err
     assert status == 2
@@ -410,7 +411,7 @@ def test_deeply_nested_coco_json_is_one_line(tmp_path, capsys):
 
 def test_a_label_line_longer_than_a_cam_file_holds_is_refused(tmp_path, capsys):
     """generate_cams.py never writes a CAM file its readers would refuse (MAX_CAM_CLASSES maps)."""
-    from clip_es.cams import MAX_CAM_CLASSES
+    from clip_es.cam_files import MAX_CAM_CLASSES
     from clip_es.cli import generate_cams_main
 
     (tmp_path / "img").mkdir()

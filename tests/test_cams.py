@@ -11,6 +11,7 @@ min–max scaling of a nearly flat refined map amplifies float32 rounding); raw 
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -19,17 +20,21 @@ import sys
 from pathlib import Path
 
 import cv2
+import helpers
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import helpers
+from clip.preprocess import load_model_input
+from clip_es import cam_files as CF
 from clip_es import cams as C
+from clip_es import gradcam as G
+from clip_es import trunk as T
 from clip_es.cli import generate_cams_main
-from tagclip.boxes import CAM_CONTOURS, box_union, scoremap2bbox
-from tagclip.images import load_model_input
-from tagclip.registry import get_dataset
+from clip_es.registry import get_cam_config
+from toolkit.boxes import CAM_CONTOURS, box_masks, box_union, scoremap2bbox
+from toolkit.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATE_CAMS = REPO / "generate_cams.py"
@@ -80,7 +85,7 @@ def entries(variant: str):
     for line in lines:
         image_id, *labels = line.split()
         out.append((image_id, tuple(int(c) for c in labels)))
-    assert all(0 <= c < len(get_dataset(dataset).cam.class_names) for _, ls in out for c in ls)
+    assert all(0 <= c < len(get_cam_config(dataset).class_names) for _, ls in out for c in ls)
     return out
 
 
@@ -96,14 +101,14 @@ def image_path(variant: str, image_id: str) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def cam_text(dataset: str) -> C.CamText:
-    return C.encode_cam_text(helpers.tiny_model(), get_dataset(dataset).cam)
+    return C.encode_cam_text(helpers.tiny_model(), get_cam_config(dataset))
 
 
 @functools.lru_cache(maxsize=None)
 def run_image(variant: str, image_id: str, labels: tuple[int, ...]) -> C.CamResult:
     dataset = VARIANTS[variant][0]
     x, size_hw = load_model_input(image_path(variant, image_id))
-    return C.compute_cams(helpers.tiny_model(), x, labels, cam_text(dataset), get_dataset(dataset).cam, size_hw)
+    return C.compute_cams(helpers.tiny_model(), x, labels, cam_text(dataset), get_cam_config(dataset), size_hw)
 
 
 CASES = [(v, iid, labels) for v in VARIANTS for iid, labels in entries(v)]
@@ -124,7 +129,7 @@ def test_cam_class_names_are_unique():
     """The reference stores keys as new_class_names.index(name): equal to the label id only
     because no two classes share a CAM name."""
     for dataset in ("voc2012", "coco2017", "cocostuff"):
-        names = get_dataset(dataset).cam.class_names
+        names = get_cam_config(dataset).class_names
         assert len(set(names)) == len(names), dataset
 
 
@@ -169,7 +174,7 @@ def test_trunk_matches_golden_block_10_output(variant):
         if f"{iid}/features_l11" not in rec:
             continue
         x, _ = load_model_input(image_path(variant, iid))
-        trunk = C.encode_trunk(helpers.tiny_model(), x, get_dataset(dataset).cam.affinity_layers)
+        trunk = T.encode_trunk(helpers.tiny_model(), x, get_cam_config(dataset).affinity_layers)
         assert max_diff(trunk.tokens[0], rec[f"{iid}/features_l11"]) <= TRUNK_ATOL
         checked += 1
     assert checked
@@ -179,9 +184,9 @@ def test_cams_always_resize_positional_table_at_224():
     """Q1: at 224×224 the CAM stage still rounds the (identity-)resized table to float16."""
     model = helpers.random_model(seed=3)
     x = helpers.smooth_random_image(0, 224, 224)
-    trunk = C.encode_trunk(model, x, (4,))
+    trunk = T.encode_trunk(model, x, (4,))
     with torch.no_grad():
-        expected = model.visual.embed(x[None], always_resize_pos=True, round_pos_fp16=True)
+        expected = model.visual.embed(x[None], T.cam_positional_table(model.visual.positional_embedding, (14, 14)))
         plain = model.visual.embed(x[None])
     assert not torch.equal(expected, plain)  # random float32 table: rounding matters
     with torch.no_grad():
@@ -198,21 +203,67 @@ def test_written_out_backward_equals_autograd_per_label():
     """The batched, written-out backward pass gives autograd's Grad-CAMs (the reference's
     schedule: one forward and one backward per label), whatever the label chunking."""
     model = helpers.tiny_model()
-    cfg = get_dataset("coco2017").cam
+    cfg = get_cam_config("coco2017")
     iid, labels = entries("coco2017")[0]  # six labels
     x, _ = load_model_input(image_path("coco2017", iid))
-    trunk = C.encode_trunk(model, x, cfg.affinity_layers)
+    trunk = T.encode_trunk(model, x, cfg.affinity_layers)
     rows = C.image_text_rows(cam_text("coco2017"), labels)
     targets = C.target_rows(labels)
-    batched = C.gradcam(model, trunk, rows, targets)
-    looped = C.gradcam_per_target(model, trunk, rows, targets)
+    batched = G.gradcam(model, trunk, rows, targets)
+    looped = G.gradcam_per_target(model, trunk, rows, targets)
     assert batched.cams.shape == (len(labels), *trunk.grid)
     assert helpers.max_abs_diff(batched.cams, looped.cams) <= BATCHED_ATOL
     assert helpers.max_abs_diff(batched.probs, looped.probs) <= 1e-6
     assert torch.equal(batched.attn_last, looped.attn_last)
     for max_batch in (4, 1):  # 4 + 2 labels; one by one
-        chunked = C.gradcam(model, trunk, rows, targets, max_batch=max_batch)
+        chunked = G.gradcam(model, trunk, rows, targets, max_batch=max_batch)
         assert helpers.max_abs_diff(batched.cams, chunked.cams) <= BATCHED_ATOL
+
+
+def _gradcam_case():
+    model = helpers.tiny_model()
+    cfg = get_cam_config("voc2012")
+    iid, labels = entries("voc2012")[0]
+    x, _ = load_model_input(image_path("voc2012", iid))
+    trunk = T.encode_trunk(model, x, cfg.affinity_layers)
+    return model, trunk, C.image_text_rows(cam_text("voc2012"), labels), C.target_rows(labels)
+
+
+def _with_last_block(model, **modules):
+    """A copy of ``model`` whose last block has some modules replaced (``mlp.gelu=...``)."""
+    other = copy.deepcopy(model)
+    block = other.visual.transformer.resblocks[-1]
+    for path, module in modules.items():
+        owner, name = (block.mlp, path.split("__")[1]) if path.startswith("mlp__") else (block, path)
+        setattr(owner, name, module)
+    return other
+
+
+def test_gradcam_fast_path_contract_and_autograd_for_other_blocks():
+    """The written-out backward pass runs only on the block it was derived for (pre-LN,
+    QuickGELU, this package's LayerNorm and Linear); a block with another activation or
+    another LayerNorm runs batched autograd, which equals the reference's per-label schedule.
+    On the block it claims, the fast path equals both."""
+    model, trunk, rows, targets = _gradcam_case()
+    assert G.written_out_supported(model)
+    reference = G.gradcam_per_target(model, trunk, rows, targets)
+    assert helpers.max_abs_diff(G.gradcam_written_out(model, trunk, rows, targets).cams, reference.cams) <= BATCHED_ATOL
+    assert helpers.max_abs_diff(G.gradcam_autograd(model, trunk, rows, targets).cams, reference.cams) <= BATCHED_ATOL
+
+    width = model.visual.conv1.out_channels
+    ln = torch.nn.LayerNorm(width)
+    ln.load_state_dict(model.visual.transformer.resblocks[-1].ln_1.state_dict())
+    for other in (_with_last_block(model, mlp__gelu=torch.nn.GELU()), _with_last_block(model, ln_1=ln)):
+        assert not G.written_out_supported(other)
+        expected = G.gradcam_per_target(other, trunk, rows, targets)
+        got = G.gradcam(other, trunk, rows, targets)
+        assert helpers.max_abs_diff(got.cams, expected.cams) <= BATCHED_ATOL
+        assert helpers.max_abs_diff(got.probs, expected.probs) <= 1e-6
+    gelu = _with_last_block(model, mlp__gelu=torch.nn.GELU())
+    expected = G.gradcam_per_target(gelu, trunk, rows, targets)
+    # the activation matters here, and the fast path would have missed it
+    assert helpers.max_abs_diff(expected.cams, reference.cams) > 10 * BATCHED_ATOL
+    assert helpers.max_abs_diff(G.gradcam_written_out(gelu, trunk, rows, targets).cams, expected.cams) > BATCHED_ATOL
 
 
 def test_written_out_gradient_sums_equal_autograd():
@@ -224,12 +275,12 @@ def test_written_out_gradient_sums_equal_autograd():
     tokens = torch.randn(1, 1 + 3 * 5, model.visual.conv1.out_channels)
     rows = torch.randn(6, model.visual.proj.shape[1])
     targets = [0, 2, 0, 5]
-    fwd = C.last_block_forward(model, tokens)
-    _, cotangents = C._probability_gradients(model, fwd.pooled, rows, targets)
-    written = C.gradcam_weights(model, fwd, cotangents)
+    fwd = G.last_block_forward(model, tokens)
+    _, cotangents = G._probability_gradients(model, fwd.pooled, rows, targets)
+    written = G.gradcam_weights(model, fwd, cotangents)
     activation = block.ln_1(tokens).detach().requires_grad_(True)
     with torch.enable_grad():
-        probs, _ = C.last_block_probabilities(model, tokens, activation, rows)
+        probs, _ = G.last_block_probabilities(model, tokens, activation, rows)
         for t, row in zip(targets, written):
             (grad,) = torch.autograd.grad(probs[0, t], activation, retain_graph=True)
             expected = grad[0, 1:].sum(dim=0)
@@ -239,7 +290,7 @@ def test_written_out_gradient_sums_equal_autograd():
 def test_gradcam_weights_and_scaling_by_hand():
     activation = torch.tensor([[9.0, 9.0], [1.0, 0.0], [0.0, 2.0], [3.0, 1.0], [0.0, 0.0]])  # CLS + 4 patches
     grads = torch.tensor([[[100.0, 100.0], [1.0, -1.0], [1.0, -1.0], [2.0, 0.0], [0.0, -2.0]]])
-    cams = C.gradcam_from_gradients(activation, grads, (2, 2))
+    cams = G.gradcam_from_gradients(activation, grads, (2, 2))
     w = np.array([1.0, -1.0])  # patch mean of the gradient; the CLS row is ignored
     raw = np.maximum(np.array([[1, 0], [0, 2], [3, 1], [0, 0]], dtype=np.float64) @ w, 0).reshape(2, 2)
     once = (raw - raw.min()) / (raw.max() - raw.min() + 1e-7)
@@ -271,7 +322,7 @@ def test_affinity_mean_uses_the_configured_blocks():
     n, p = 12, 4
     maps = [torch.full((1, p + 1, p + 1), float(i)) for i in range(n)]
     affinity_sum = sum(maps[i][0, 1:, 1:] for i in range(4, 11))
-    trunk = C.Trunk(torch.zeros(1, p + 1, 8), affinity_sum, (2, 2))
+    trunk = T.Trunk(torch.zeros(1, p + 1, 8), affinity_sum, (2, 2))
     voc = C.affinity_matrix(trunk, maps[11][0], tuple(range(4, 11)), n)
     coco = C.affinity_matrix(trunk, maps[11][0], tuple(range(4, 12)), n)
     assert torch.allclose(voc, torch.full((p, p), 7.0))    # mean of 4..10
@@ -283,9 +334,9 @@ def test_batched_refinement_equals_reference_form():
     grid = (5, 7)
     p = grid[0] * grid[1]
     trans = C.transition_matrix(torch.rand(p, p, generator=g) + 0.01)
-    cams = C.scale_maps(torch.rand(3, *grid, generator=g))
-    masks = torch.from_numpy(C.box_masks(cams.numpy(), 0.4))
-    got = C.refine(trans, cams, masks)
+    cams = G.scale_maps(torch.rand(3, *grid, generator=g))
+    masks = torch.from_numpy(box_masks(cams.numpy(), 0.4, CAM_CONTOURS))
+    got = C.affinity_refine(trans, cams, masks)
     for k in range(3):
         masked = trans * masks[k].reshape(1, p)  # source columns outside the boxes zeroed
         expected = (masked @ cams[k].reshape(p, 1)).reshape(grid)
@@ -312,14 +363,14 @@ def test_a_class_map_does_not_depend_on_the_other_labels(n_labels):
     grid, size_hw = (23, 31), (367, 497)  # a 500×375-like image, odd output size
     p = grid[0] * grid[1]
     trans = C.transition_matrix(torch.rand(p, p, generator=g) + 0.01)
-    cams = C.scale_maps(torch.rand(n_labels, *grid, generator=g))
-    masks = torch.from_numpy(C.box_masks(cams.numpy(), 0.4))
-    together_refined = C.refine(trans, cams, masks)
+    cams = G.scale_maps(torch.rand(n_labels, *grid, generator=g))
+    masks = torch.from_numpy(box_masks(cams.numpy(), 0.4, CAM_CONTOURS))
+    together_refined = C.affinity_refine(trans, cams, masks)
     together = C.highres(together_refined.numpy(), size_hw)
     order = list(reversed(range(n_labels)))
-    reversed_maps = C.highres(C.refine(trans, cams[order], masks[order]).numpy(), size_hw)
+    reversed_maps = C.highres(C.affinity_refine(trans, cams[order], masks[order]).numpy(), size_hw)
     for k in range(n_labels):
-        alone_refined = C.refine(trans, cams[k:k + 1], masks[k:k + 1])
+        alone_refined = C.affinity_refine(trans, cams[k:k + 1], masks[k:k + 1])
         assert torch.equal(together_refined[k], alone_refined[0]), k
         alone = C.highres(alone_refined.numpy(), size_hw)[0]
         np.testing.assert_array_equal(together[k], alone)
@@ -331,10 +382,10 @@ def test_refinement_boxes_match_golden(variant):
     """Every label's boxes (all contours, the float threshold of the dataset) in the
     reference's order, and the mask is their union."""
     record = json.loads((helpers.GOLDEN_REFERENCE / f"cams_{variant}_record.json").read_text(encoding="utf-8"))
-    cfg = get_dataset(VARIANTS[variant][0]).cam
+    cfg = get_cam_config(VARIANTS[variant][0])
     for iid, labels in entries(variant):
         cams = run_image(variant, iid, labels).gradcams.numpy()
-        masks = C.box_masks(cams, cfg.box_threshold)
+        masks = box_masks(cams, float(cfg.box_threshold), CAM_CONTOURS)
         for k in range(len(labels)):
             ref = record["images"][iid]["refine_boxes"][k]
             boxes = scoremap2bbox(cams[k], cfg.box_threshold, CAM_CONTOURS)
@@ -349,13 +400,13 @@ def test_refinement_boxes_match_golden(variant):
 def test_save_cam_writes_the_reference_dict(tmp_path):
     path = tmp_path / "sub" / "a.npy"
     maps = np.random.default_rng(0).random((2, 5, 7)).astype(np.float32)
-    C.save_cam(path, [3, 1], maps)
+    CF.save_cam(path, [3, 1], maps)
     obj = np.load(path, allow_pickle=True).item()  # what the reference's evaluation does
     assert set(obj) == {"keys", "attn_highres"}
     assert obj["keys"].dtype == np.int64 and obj["keys"].tolist() == [3, 1]
     assert obj["attn_highres"].dtype == np.float16
     np.testing.assert_array_equal(obj["attn_highres"], maps.astype(np.float16))
-    keys, loaded = C.load_cam(path)
+    keys, loaded = CF.load_cam(path)
     assert keys.tolist() == [3, 1] and np.array_equal(loaded, maps.astype(np.float16))
     assert [p.name for p in path.parent.iterdir()] == ["a.npy"]  # no temporary left behind
 
@@ -402,8 +453,8 @@ def test_load_cam_rejects_bad_files(case, problem, tmp_path):
         _write_pickled(path, [keys, maps])
     elif case == "code":
         _write_pickled(path, {"keys": keys, "attn_highres": maps, "x": _Evil()})
-    with pytest.raises(C.InputError) as info:
-        C.load_cam(path)
+    with pytest.raises(InputError) as info:
+        CF.load_cam(path)
     assert str(path) in str(info.value) and problem in str(info.value)
 
 
@@ -413,7 +464,7 @@ def test_load_cam_rejects_bad_files(case, problem, tmp_path):
 def test_76_patch_image_works():
     """Q8: 304×64 -> 4×19 = 76 patches = 77 tokens, the reference's 'text' length."""
     model = helpers.tiny_model()
-    cfg = get_dataset("voc2012").cam
+    cfg = get_cam_config("voc2012")
     x = helpers.smooth_random_image(1, 64, 304)
     result = C.compute_cams(model, x, (14, 3), cam_text("voc2012"), cfg, (64, 300))
     assert result.gradcams.shape == (2, 4, 19)
@@ -423,7 +474,7 @@ def test_76_patch_image_works():
 
 
 def test_image_without_labels_gives_an_empty_cam_file():
-    cfg = get_dataset("voc2012").cam
+    cfg = get_cam_config("voc2012")
     x = helpers.smooth_random_image(2, 48, 64)
     result = C.compute_cams(helpers.tiny_model(), x, (), cam_text("voc2012"), cfg, (40, 60))
     assert result.keys.shape == (0,) and result.attn_highres.shape == (0, 40, 60)
@@ -468,20 +519,20 @@ def test_cli_end_to_end_and_resume(voc_folder, capsys):
     out = tmp_path / "cams"
     assert _cli(tmp_path, label_file, out) == 0
     for iid, ((w, h), labels) in specs.items():
-        keys, maps = C.load_cam(out / f"{iid}.npy")
+        keys, maps = CF.load_cam(out / f"{iid}.npy")
         assert keys.tolist() == list(labels)
         assert maps.dtype == np.float16 and maps.shape == (len(labels), h, w)
         assert np.isfinite(maps.astype(np.float32)).all()
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
     # a rerun keeps valid files; a file with other labels or a corrupt one is redone
-    C.save_cam(out / "a_rgb.npy", [5], np.zeros((1, 375, 500), np.float16))
+    CF.save_cam(out / "a_rgb.npy", [5], np.zeros((1, 375, 500), np.float16))
     (out / "b_gray.npy").write_bytes(b"broken")
     capsys.readouterr()
     assert _cli(tmp_path, label_file, out) == 0
     assert "resuming: 2 CAM file(s)" in capsys.readouterr().out
-    assert C.load_cam(out / "a_rgb.npy")[0].tolist() == [14, 2]
-    assert C.load_cam(out / "b_gray.npy")[0].tolist() == [0]
+    assert CF.load_cam(out / "a_rgb.npy")[0].tolist() == [14, 2]
+    assert CF.load_cam(out / "b_gray.npy")[0].tolist() == [0]
     for name in ("c_cmyk.npy", "d_76.npy"):
         assert (out / name).stat().st_mtime_ns == stamps[name]
 
@@ -540,7 +591,7 @@ def test_cli_matches_golden_cams(tmp_path):
     assert _cli(tmp_path, label_file, out, root=root) == 0
     saved = golden("voc2012", "saved_npy")
     for iid, _ in entries("voc2012"):
-        keys, maps = C.load_cam(out / f"{iid}.npy")
+        keys, maps = CF.load_cam(out / f"{iid}.npy")
         np.testing.assert_array_equal(keys, saved[f"{iid}/keys"])
         assert max_diff(maps, saved[f"{iid}/attn_highres"]) <= HIGHRES_ATOL
 
@@ -603,7 +654,7 @@ def test_generate_cams_script_process(voc_folder):
             "--model_cache", str(tmp_path / "mc"), "--device", "cpu"]
     ok = subprocess.run(args, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
-    assert C.load_cam(tmp_path / "cams" / "d_76.npy")[1].shape == (1, 64, 304)
+    assert CF.load_cam(tmp_path / "cams" / "d_76.npy")[1].shape == (1, 64, 304)
     label_file.write_text("d_76 42\n", encoding="utf-8")
     bad = subprocess.run(args, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, cwd=tmp_path)
     assert bad.returncode == 2
@@ -622,7 +673,7 @@ def test_cocostuff_label_ids_are_171_index(tmp_path, capsys):
             "--model", str(helpers.TINY_CHECKPOINT), "--cam_out_dir", str(tmp_path / "cams"),
             "--model_cache", str(tmp_path / "mc"), "--device", "cpu"]
     assert generate_cams_main(base) == 0
-    keys, maps = C.load_cam(tmp_path / "cams" / "x.npy")
+    keys, maps = CF.load_cam(tmp_path / "cams" / "x.npy")
     assert keys.tolist() == [170, 0] and maps.shape == (2, 30, 40)
     labels.write_text("x 171\n", encoding="utf-8")
     capsys.readouterr()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_es.cams import load_cam
+from clip_es.cam_files import load_cam
 from clip_es.masks import write_label_png
 
 ROOT = Path(__file__).resolve().parents[1]

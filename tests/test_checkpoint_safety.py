@@ -22,15 +22,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Tuple
 
+import helpers
 import numpy as np
 import pytest
 import torch
 
 import clip
-import helpers
 from clip import loading
 from clip.model import StateDictMismatch, build_model
-from tagclip.errors import InputError
+from toolkit.errors import InputError
 
 PAYLOAD_BYTES = 8  # what the file-writing payload writes: this many bytes ...
 PAYLOAD_FILL = 88  # ... of this value ("X")
@@ -295,7 +295,7 @@ import json, sys
 import torch
 import clip
 from clip import loading
-from tagclip.errors import InputError
+from toolkit.errors import InputError
 
 paths, expected_path, cache = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 expected = torch.load(expected_path, weights_only=True)

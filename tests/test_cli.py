@@ -25,18 +25,20 @@ import torch
 from PIL import Image
 
 from clip import loading
-from tagclip.cli import classify_main, main
-from tagclip.errors import InputError
-from tagclip.images import iter_image_files
-from tagclip.labels import label_file_lines, labels_to_onehot, read_split
+from pipelines.command import main
+from tagclip.cli import classify_main
+from tagclip.labels import label_file_lines, labels_to_onehot
 from tagclip.metrics import f1_overall, format_metrics, mean_average_precision
 from tagclip.text_features import default_text_cache_dir
-from tagclip.vocab import VOC_CLASSES
+from toolkit.errors import InputError
+from toolkit.images import iter_image_files
+from toolkit.splits import read_split
+from toolkit.vocab import VOC_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSIFY = REPO / "classify.py"
 TINY = Path(__file__).resolve().parent / "fixtures" / "golden" / "tiny_clip_fp16.npz"
-SAMPLES = REPO / "tagclip" / "samples"
+SAMPLES = REPO / "pipelines" / "samples"
 VOC_LABEL_FILE = "voc2007_val_tagclip.txt"
 CUSTOM_LABEL_FILE = "custom_val_tagclip.txt"
 SUBPROCESS_TIMEOUT_S = 240
@@ -313,7 +315,7 @@ def _tag_folder(tmp_path: Path) -> Path:
 
 def test_tag_subcommand(tmp_path, capsys):
     pics = _tag_folder(tmp_path)
-    assert 'tagclip = "tagclip.cli:main"' in (REPO / "pyproject.toml").read_text()
+    assert 'tagclip = "pipelines.command:main"' in (REPO / "pyproject.toml").read_text()
     rc, out, err = run_in_process(main, [
         "tag", pics, "--classes", "cat,dog", "--model_path", TINY, "--device", "cpu",
         "--output_dir", tmp_path / "out", "--scores_out", tmp_path / "x.csv"], capsys)
@@ -327,7 +329,7 @@ def test_tag_subcommand_via_python_m(tmp_path, shared_cache):
     pics = _tag_folder(tmp_path)
     res = run_cli(["tag", pics, "--classes", "cat,dog", "--model_path", TINY, "--device", "cpu",
                    "--output_dir", "out", "--scores_out", "x.csv"],
-                  cwd=tmp_path, cache=shared_cache, entry="tagclip.cli")
+                  cwd=tmp_path, cache=shared_cache, entry="pipelines")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "x.csv").is_file(), (res.stdout, res.stderr)
 
@@ -431,6 +433,7 @@ def test_a_bug_is_an_internal_error_with_its_traceback(tmp_path, capsys, monkeyp
     """Not bad input: the traceback stays, one line says it is a bug, exit status 70 (neither
     1, 'done with skips', nor 2, 'bad input'); a ValueError is no exception to that."""
     import tagclip.cli as cli
+    from toolkit.errors import EXIT_INTERNAL_ERROR
 
     def broken(*args, **kwargs):
         raise ValueError("an internal inconsistency")
@@ -439,7 +442,7 @@ def test_a_bug_is_an_internal_error_with_its_traceback(tmp_path, capsys, monkeyp
     img_root, split = make_voc(tmp_path, VOC_IMAGES[:2])
     rc, out, err = run_in_process(classify_main, ["--img_root", img_root, "--split_file", split, "--model_path",
                                                   TINY, "--device", "cpu", "--output_dir", tmp_path / "out"], capsys)
-    assert rc == cli.EXIT_INTERNAL_ERROR == 70
+    assert rc == EXIT_INTERNAL_ERROR == 70
     assert "Traceback" in err and "ValueError: an internal inconsistency" in err
     assert last_line(err).startswith("internal error:") and "bug" in last_line(err)
 

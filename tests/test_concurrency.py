@@ -9,15 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 from PIL import Image
 
-import helpers
 from clip_es.cli import generate_cams_main
 from clip_es.eval_cli import eval_cam_main, eval_crf_main
-from tagclip.cli import classify_main, main
-from tagclip.journal import folder_lock
+from pipelines.command import main
+from tagclip.cli import classify_main
+from toolkit.resume import folder_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +38,8 @@ def work(tmp_path):
 def _crf_lock_name(w: Path) -> str:
     """The CRF stage locks its journal's name, which carries the run's key."""
     from clip_es.eval_cli import _crf_journal, eval_crf_parser
-    from tagclip.distributed import SINGLE
-    from tagclip.registry import get_eval_config
+    from clip_es.registry import get_eval_config
+    from toolkit.sharding import SINGLE
 
     args = eval_crf_parser().parse_args(_crf_argv(w))
     return _crf_journal(args, get_eval_config("voc2012"), w / "crf", SINGLE).path.name.lstrip(".")[:-len(".journal")]
@@ -89,7 +90,7 @@ def test_a_held_folder_stops_a_second_run_of_every_stage(work, capsys):
 
 
 def test_a_killed_holder_never_blocks(work):
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from tagclip.journal import folder_lock\n"
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from toolkit.resume import folder_lock\n"
             "with folder_lock(sys.argv[2], 'voc2007_val_tagclip.txt'):\n"
             "    print('held', flush=True); time.sleep(600)")
     (work / "out").mkdir()

@@ -2,16 +2,16 @@
 with the reference's eval_cam_with_crf.py on the golden CAMs."""
 from __future__ import annotations
 
+import eval_helpers as eh
 import numpy as np
 import pydensecrf.densecrf as pydensecrf  # pydensecrf2 is a hard requirement (requirements.txt)
 import pytest
 
-import eval_helpers as eh
 from clip_es import crf
-from clip_es.crf import crf_image, crf_label, crf_predict, dense_crf, unary_from_probs, wrap_to_uint8
+from clip_es.crf import crf_image, crf_predict, dense_crf, unary_from_probs, wrap_to_uint8
 from clip_es.evaluation import SegEvaluator, read_bgr, read_cam, read_gt
 from clip_es.masks import apply_confidence_threshold
-from tagclip.registry import get_eval_config
+from clip_es.registry import get_eval_config
 
 VOC = get_eval_config("voc2012")
 STUFF = get_eval_config("cocostuff")
@@ -96,7 +96,7 @@ def test_tiny_image_crf():
     # deterministic
     np.testing.assert_array_equal(crf_predict([14], cams, bgr, VOC)[0], labels)
     # confidence threshold -> 255 below
-    cut = crf_label([14], cams, bgr, VOC, confidence_threshold=float(np.median(confidence)))
+    cut = apply_confidence_threshold(labels, confidence, float(np.median(confidence)))
     assert (cut == 255).any() and ((cut == 255) | (cut == labels)).all()
     np.testing.assert_array_equal(apply_confidence_threshold(labels, confidence, None), labels)
 
@@ -104,7 +104,7 @@ def test_tiny_image_crf():
 def test_tiny_image_crf_cocostuff_single_channel():
     bgr, cams = _tiny_case()
     labels, confidence = crf_predict([112], cams, bgr, STUFF)
-    from tagclip.vocab import COCO_STUFF_171_TO_27
+    from toolkit.vocab import COCO_STUFF_171_TO_27
 
     assert (labels == COCO_STUFF_171_TO_27[112]).all()
     np.testing.assert_allclose(confidence, 1, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Split-file preparation from synthetic datasets in the official layouts (tagclip.datasets)."""
+"""Split-file preparation from synthetic datasets in the official layouts (pipelines.datasets, ``tagclip prepare``)."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from tagclip import datasets
-from tagclip.errors import InputError
-from tagclip.labels import read_split
-from tagclip.vocab import COCO_CLASSES, COCO_STUFF_182_TO_171, VOC_CLASSES
+from pipelines import datasets
+from pipelines.command import main as tagclip_main
+from toolkit.errors import InputError
+from toolkit.splits import read_split
+from toolkit.vocab import COCO_CLASSES, COCO_STUFF_182_TO_171, VOC_CLASSES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +79,7 @@ VOC_ANNOTATIONS = {
 def test_voc2007_lines_in_file_order_with_difficult(tmp_path):
     root = make_voc(tmp_path / "VOC2007", "2007", VOC_ANNOTATIONS)
     out = tmp_path / "split.txt"
-    assert datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out)]) == 0
+    assert tagclip_main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out)]) == 0
     assert out.read_text() == "000001 11 14 7\n000004 19\n000002 0\n"
     entries = read_split(out, num_classes=20)
     assert [VOC_CLASSES[c] for c in entries[0].labels] == ["dog", "person", "cat"]
@@ -87,7 +88,7 @@ def test_voc2007_lines_in_file_order_with_difficult(tmp_path):
 def test_voc_skip_difficult_leaves_id_only(tmp_path):
     root = make_voc(tmp_path / "VOC2007", "2007", VOC_ANNOTATIONS)
     out = tmp_path / "split.txt"
-    assert datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out),
+    assert tagclip_main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out),
                           "--skip_difficult"]) == 0
     assert out.read_text() == "000001 11 7\n000004\n000002 0\n"
     assert read_split(out, num_classes=20)[1].labels == ()
@@ -103,14 +104,14 @@ def test_voc2012_uses_segmentation_val(tmp_path):
 def test_voc_default_out_under_cwd(tmp_path, monkeypatch):
     root = make_voc(tmp_path / "VOC2007", "2007", VOC_ANNOTATIONS)
     monkeypatch.chdir(tmp_path)
-    assert datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root)]) == 0
+    assert tagclip_main(["prepare", "--dataset", "voc2007", "--root", str(root)]) == 0
     assert (tmp_path / "imageset" / "voc2007" / "test_cls.txt").read_text().startswith("000001 11 14 7\n")
 
 
 def test_voc_unknown_class_names_the_xml(tmp_path, capsys):
     root = make_voc(tmp_path / "VOC2007", "2007", {"000001": [("dog", 0)], "000002": [("unicorn", 0)]})
     out = tmp_path / "split.txt"
-    assert datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out)]) == 2
+    assert tagclip_main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert err.startswith("error: ") and "000002.xml" in err and "unicorn" in err
@@ -119,13 +120,13 @@ def test_voc_unknown_class_names_the_xml(tmp_path, capsys):
 
 def test_voc_missing_xml_and_missing_imageset(tmp_path, capsys):
     root = make_voc(tmp_path / "VOC2007", "2007", {"000001": [("dog", 0)]}, ids=["000001", "000009"])
-    assert datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out",
+    assert tagclip_main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out",
                           str(tmp_path / "s.txt")]) == 2
     err = capsys.readouterr().err
     assert "000009.xml: file not found" in err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert datasets.main(["prepare", "--dataset", "voc2012", "--root", str(empty), "--out",
+    assert tagclip_main(["prepare", "--dataset", "voc2012", "--root", str(empty), "--out",
                           str(tmp_path / "s.txt")]) == 2
     assert "val.txt: file not found" in capsys.readouterr().err
 
@@ -140,7 +141,7 @@ def test_voc_malformed_xml(tmp_path):
 def test_check_fails_on_small_data(tmp_path, capsys):
     root = make_voc(tmp_path / "VOC2007", "2007", VOC_ANNOTATIONS)
     out = tmp_path / "split.txt"
-    assert datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out),
+    assert tagclip_main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out),
                           "--check"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: check failed: voc2007 split has 3 images, the official release gives 4952")
@@ -203,7 +204,7 @@ def test_category_list_is_the_official_one():
 def test_coco2017_split_lines(tmp_path):
     root = make_coco(tmp_path / "coco")
     out = tmp_path / "val.txt"
-    assert datasets.main(["prepare", "--dataset", "coco2017", "--root", str(root), "--out", str(out)]) == 0
+    assert tagclip_main(["prepare", "--dataset", "coco2017", "--root", str(root), "--out", str(out)]) == 0
     assert out.read_text() == (
         f"000000000003 {PERSON} {TOOTHBRUSH}\n"      # ascending, each once
         f"000000000077 {CAR}\n"                      # crowd-only image is listed
@@ -224,7 +225,7 @@ def test_coco_category_names_checked(tmp_path, capsys):
     data = coco_instances()
     data["categories"][3]["name"] = "scooter"
     root = make_coco(tmp_path / "coco", data=data)
-    assert datasets.main(["prepare", "--dataset", "coco2017", "--root", str(root), "--out",
+    assert tagclip_main(["prepare", "--dataset", "coco2017", "--root", str(root), "--out",
                           str(tmp_path / "v.txt")]) == 2
     err = capsys.readouterr().err
     assert "instances_val2017.json: category 4 is \"scooter\", expected \"motorbike\"" in err
@@ -248,7 +249,7 @@ def test_coco_bad_json(tmp_path):
 def test_coco2017_masks(tmp_path):
     root = make_coco(tmp_path / "coco")
     masks = tmp_path / "masks"
-    assert datasets.main(["prepare", "--dataset", "coco2017", "--root", str(root), "--out",
+    assert tagclip_main(["prepare", "--dataset", "coco2017", "--root", str(root), "--out",
                           str(tmp_path / "v.txt"), "--masks_out", str(masks)]) == 0
     assert sorted(p.name for p in masks.iterdir()) == ["000000000003.png", "000000000077.png", "000000000139.png"]
     with Image.open(masks / "000000000139.png") as img:
@@ -281,14 +282,14 @@ def test_masks_existing_kept_unless_overwrite(tmp_path):
 def test_masks_out_only_for_coco2017(tmp_path, capsys):
     root = make_coco(tmp_path / "coco", "2014")
     with pytest.raises(SystemExit) as exc:
-        datasets.main(["prepare", "--dataset", "coco2014", "--root", str(root), "--masks_out", str(tmp_path / "m")])
+        tagclip_main(["prepare", "--dataset", "coco2014", "--root", str(root), "--masks_out", str(tmp_path / "m")])
     assert exc.value.code == 2
     assert "--masks_out" in capsys.readouterr().err
 
 
 def test_coco_check_fails(tmp_path, capsys):
     root = make_coco(tmp_path / "coco", "2014")
-    assert datasets.main(["prepare", "--dataset", "coco2014", "--root", str(root), "--out",
+    assert tagclip_main(["prepare", "--dataset", "coco2014", "--root", str(root), "--out",
                           str(tmp_path / "v.txt"), "--check"]) == 1
     assert "coco2014 split has 3 images, the official release gives 40137" in capsys.readouterr().err
 
@@ -313,7 +314,7 @@ def test_cocostuff_split_reads_back_with_label_map(tmp_path):
     c = np.array([[156, 156], [3, 255]])
     root = make_stuff(tmp_path / "stuff", {"000000000285": a, "000000000139": c, "000000000632": b})
     out = tmp_path / "val.txt"
-    assert datasets.main(["prepare", "--dataset", "cocostuff", "--root", str(root), "--out", str(out),
+    assert tagclip_main(["prepare", "--dataset", "cocostuff", "--root", str(root), "--out", str(out),
                           "--all_images"]) == 0
     assert out.read_text() == "000000000139 3 156\n000000000285 0 92 181\n000000000632\n"
     entries = read_split(out, num_classes=171, label_map=COCO_STUFF_182_TO_171)
@@ -335,13 +336,13 @@ def test_cocostuff_bad_values(tmp_path):
 
 
 def _module_env() -> dict:
-    """``python -m tagclip.datasets`` from a temporary folder: the repository on the path."""
+    """``python -m pipelines prepare`` from a temporary folder: the repository on the path."""
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def test_cocostuff_check_and_cli_module(tmp_path):
     root = make_stuff(tmp_path / "stuff", {"a": [[1]]})
-    proc = subprocess.run([sys.executable, "-m", "tagclip.datasets", "prepare", "--dataset", "cocostuff",
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "prepare", "--dataset", "cocostuff",
                            "--root", str(root), "--out", str(tmp_path / "v.txt"), "--check", "--all_images"],
                           cwd=tmp_path, env=_module_env(), capture_output=True, text=True)
     assert proc.returncode == 1
@@ -353,7 +354,7 @@ def test_cocostuff_check_and_cli_module(tmp_path):
 def test_cocostuff_default_reads_the_shipped_subset(tmp_path):
     # The real shipped subset starts with 000000000139; this folder has other maps only.
     root = make_stuff(tmp_path / "stuff", {"000000000285": [[1]]})
-    proc = subprocess.run([sys.executable, "-m", "tagclip.datasets", "prepare", "--dataset", "cocostuff",
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "prepare", "--dataset", "cocostuff",
                            "--root", str(root), "--out", str(tmp_path / "v.txt")],
                           cwd=tmp_path, env=_module_env(), capture_output=True, text=True)
     assert proc.returncode == 2
@@ -402,7 +403,7 @@ def test_cocostuff_subset_cli_default_out(tmp_path, monkeypatch, capsys):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    assert datasets.main(["prepare", "--dataset", "cocostuff", "--root", str(root)]) == 0
+    assert tagclip_main(["prepare", "--dataset", "cocostuff", "--root", str(root)]) == 0
     assert (work / "imageset" / "cocostuff" / "val.txt").read_text() == "000000000632 7\n000000000139 3 156\n"
     assert (shipped / "cocostuff" / "val.txt").read_text() == SUBSET
     assert "(2 images)" in capsys.readouterr().err
@@ -413,7 +414,7 @@ def test_cocostuff_subset_png_missing(tmp_path, capsys, monkeypatch):
     shipped = make_subset(tmp_path / "shipped", SUBSET + "000000000724 9\n")
     monkeypatch.setattr(datasets, "IMAGESET_DIR", shipped)
     out = tmp_path / "v.txt"
-    assert datasets.main(["prepare", "--dataset", "cocostuff", "--root", str(root), "--out", str(out)]) == 2
+    assert tagclip_main(["prepare", "--dataset", "cocostuff", "--root", str(root), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     png = root / "val2017" / "000000000724.png"
     assert err == (f"error: {png}: file not found (image 000000000724 of the COCO-Stuff subset listed in "
@@ -426,13 +427,13 @@ def test_cocostuff_subset_file_missing(tmp_path, capsys, monkeypatch):
     empty = tmp_path / "no_imageset"
     monkeypatch.setattr(datasets, "IMAGESET_DIR", empty)
     out = tmp_path / "v.txt"
-    assert datasets.main(["prepare", "--dataset", "cocostuff", "--root", str(root), "--out", str(out)]) == 2
+    assert tagclip_main(["prepare", "--dataset", "cocostuff", "--root", str(root), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err == (f"error: {empty / 'cocostuff' / 'val.txt'}: COCO-Stuff subset file not found (the paper's "
                    "4172-image split); restore it, or pass --all_images to list every val2017 map\n")
     assert not out.exists()
     # the flag does not need the subset file
-    assert datasets.main(["prepare", "--dataset", "cocostuff", "--root", str(root), "--out", str(out),
+    assert tagclip_main(["prepare", "--dataset", "cocostuff", "--root", str(root), "--out", str(out),
                           "--all_images"]) == 0
     assert out.read_text().count("\n") == 3
 
@@ -457,7 +458,7 @@ def test_expected_sizes():
 def test_all_images_only_for_cocostuff(tmp_path, capsys):
     root = make_voc(tmp_path / "VOC2007", "2007", VOC_ANNOTATIONS)
     with pytest.raises(SystemExit) as exc:
-        datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root), "--all_images"])
+        tagclip_main(["prepare", "--dataset", "voc2007", "--root", str(root), "--all_images"])
     assert exc.value.code == 2
     assert "--all_images applies to --dataset cocostuff only" in capsys.readouterr().err
 
@@ -478,7 +479,7 @@ def _check_against_shipped(tmp_path, monkeypatch, shipped_text: str) -> tuple[in
     shipped = make_shipped_voc(tmp_path / "shipped", shipped_text)
     monkeypatch.setattr(datasets, "IMAGESET_DIR", shipped)
     out = tmp_path / "split.txt"
-    rc = datasets.main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out), "--check"])
+    rc = tagclip_main(["prepare", "--dataset", "voc2007", "--root", str(root), "--out", str(out), "--check"])
     return rc, shipped, out
 
 
@@ -534,7 +535,7 @@ def test_check_uses_the_registry_file_names(tmp_path, monkeypatch):
     with pytest.raises(datasets.CheckError, match=r"val_cls\.txt: the shipped split has 1 images, this one 3"):
         datasets.prepare("coco2014", root, tmp_path / "v.txt", check=True, imageset_dir=shipped)
     monkeypatch.chdir(tmp_path)
-    assert datasets.main(["prepare", "--dataset", "coco2014", "--root", str(root)]) == 0
+    assert tagclip_main(["prepare", "--dataset", "coco2014", "--root", str(root)]) == 0
     assert (tmp_path / "imageset" / "coco2014" / "val_cls.txt").read_text().startswith("COCO_val2014_000000000003 ")
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tagclip.distributed import Shard, init_from_env, owned_indices, plan
-from tagclip.errors import InputError
+from toolkit.errors import InputError
+from toolkit.sharding import Shard, init_from_env, owned_indices, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "golden" / "tiny_clip_fp16.npz"
@@ -64,7 +64,7 @@ def test_init_sets_the_device_first_and_gathers_over_gloo(monkeypatch):
     """init_from_env under torchrun's environment, the process-group calls recorded: the CUDA
     device is made current before the process group starts, results get a gloo group of their
     own, and both groups wait GATHER_TIMEOUT (not torch's 30 minutes) at the final gather."""
-    import tagclip.distributed as D
+    import toolkit.sharding as D
 
     calls = []
     monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
@@ -122,7 +122,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 
 def test_torchrun_generate_cams_writes_the_same_files(tmp_path):
-    from clip_es.cams import load_cam
+    from clip_es.cam_files import load_cam
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     rng = np.random.default_rng(6)
@@ -186,7 +186,7 @@ def test_sigkilled_generate_cams_resumes_to_identical_files(tmp_path):
     import signal
     import time
 
-    from clip_es.cams import load_cam
+    from clip_es.cam_files import load_cam
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     rng = np.random.default_rng(8)
@@ -226,6 +226,7 @@ def test_crf_evaluation_resumes_from_its_journal(tmp_path, monkeypatch, capsys):
     import json
 
     import eval_helpers
+
     from clip_es.eval_cli import eval_crf_main
     work = tmp_path / "work"
     work.mkdir()

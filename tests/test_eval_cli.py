@@ -9,15 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import eval_helpers as eh
 import numpy as np
 import pytest
 from PIL import Image
 
-import eval_helpers as eh
 from clip_es.eval_cli import eval_cam_main, eval_crf_main
 from clip_es.evaluation import SegEvaluator, predict, read_gt
-from clip_es.masks import voc_colormap
-from tagclip.registry import get_eval_config
+from clip_es.registry import get_eval_config
+from toolkit.palette import voc_colormap
 
 REPO = Path(__file__).resolve().parent.parent
 

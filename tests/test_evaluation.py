@@ -5,16 +5,25 @@ from __future__ import annotations
 import math
 import pickle
 
+import eval_helpers as eh
 import numpy as np
 import pytest
 
-import eval_helpers as eh
-from clip_es.evaluation import (SegEvaluator, background_score, cam_to_label, check_same_size, gt_to_eval,
-                                labels_to_eval, predict, read_cam, read_gt, select_threshold,
-                                threshold_candidates)
-from tagclip.errors import InputError
-from tagclip.registry import DATASETS, get_eval_config
-from tagclip.vocab import COCO_STUFF_171_TO_27, COCO_STUFF_182_TO_27
+from clip_es.evaluation import (
+    SegEvaluator,
+    background_score,
+    check_same_size,
+    gt_to_eval,
+    predict,
+    read_cam,
+    read_gt,
+    select_threshold,
+    threshold_candidates,
+)
+from clip_es.registry import CAM_CONFIGS, get_eval_config
+from tagclip.registry import DATASETS
+from toolkit.errors import InputError
+from toolkit.vocab import COCO_STUFF_171_TO_27, COCO_STUFF_182_TO_27
 
 VOC = get_eval_config("voc2012")
 COCO = get_eval_config("coco2017")
@@ -132,19 +141,20 @@ def test_argmax_ties_lowest_index_background_first():
     # pixel 0: bg 0.5 ties with the class (0.5) -> background; pixel 1: two classes tie -> first
     cams = np.array([[[0.5, 0.8]], [[0.2, 0.8]]], dtype=np.float16)
     keys = np.array([4, 2])
-    labels = cam_to_label(keys, cams)
-    np.testing.assert_array_equal(labels, [[0, 5]])
+    np.testing.assert_array_equal(predict(keys, cams, VOC)[0], [[0, 5]])
     # pixel with every CAM 0: bg = 1 wins; thres 0 (constant 0 background) ties -> background too
     zero = np.zeros((2, 1, 1), np.float16)
-    assert cam_to_label(keys, zero)[0, 0] == 0
-    assert cam_to_label(keys, zero, bg_power=0)[0, 0] == 0
+    assert predict(keys, zero, VOC)[0][0, 0] == 0
+    assert predict(keys, zero, VOC, thres=0)[0][0, 0] == 0
     # constant 0 background loses to any positive CAM
     small = np.full((1, 1, 1), 0.01, np.float16)
-    assert cam_to_label([7], small, bg_power=0)[0, 0] == 8
-    assert cam_to_label([7], small, bg_power=1)[0, 0] == 0
+    assert predict([7], small, VOC, thres=0)[0][0, 0] == 8
+    assert predict([7], small, VOC, thres=1)[0][0, 0] == 0
     # no background: plain argmax over the CAMs, ties to the first
-    np.testing.assert_array_equal(cam_to_label(keys, cams, has_background=False), [[4, 4]])
-    np.testing.assert_array_equal(cam_to_label(keys, cams[::-1], has_background=False), [[2, 4]])
+    a, b = COCO_STUFF_171_TO_27[112], COCO_STUFF_171_TO_27[162]
+    assert a != b
+    np.testing.assert_array_equal(predict([112, 162], cams, STUFF)[0], [[a, a]])
+    np.testing.assert_array_equal(predict([112, 162], cams[::-1], STUFF)[0], [[b, a]])
 
 
 def test_predict_with_configs():
@@ -162,9 +172,6 @@ def test_predict_with_configs():
     np.testing.assert_array_equal(stuff2, [[COCO_STUFF_171_TO_27[162], COCO_STUFF_171_TO_27[162],
                                             COCO_STUFF_171_TO_27[112]]])
     assert COCO_STUFF_171_TO_27[112] != COCO_STUFF_171_TO_27[162]
-    np.testing.assert_array_equal(labels_to_eval(cam_to_label([112, 162], cams, has_background=False), STUFF),
-                                  stuff)
-    np.testing.assert_array_equal(labels_to_eval(cam_to_label([14, 0], cams), VOC), labels)
 
 
 def test_cocostuff_gt_mapping():
@@ -179,7 +186,7 @@ def test_cocostuff_gt_mapping():
 def test_registry_eval_facts():
     for name in ("voc2012", "coco2017", "cocostuff"):
         cfg = get_eval_config(name)
-        assert cfg.num_classes == DATASETS[name].cam.eval_num_classes
+        assert cfg.num_classes == CAM_CONFIGS[name].eval_num_classes
         assert cfg.num_keys == DATASETS[name].num_classes
     assert VOC.class_names[0] == "background" and VOC.class_names[15] == "person"
     assert COCO.class_names[:2] == ("background", "person") and STUFF.class_names[-1] == "water"
@@ -228,7 +235,7 @@ def test_read_cam_validation(tmp_path):
     bad(empty, "no classes", STUFF)  # COCO-Stuff has no background to predict
     np.save(tmp_path / "empty.npy", empty)  # an image without labels: background everywhere
     keys, cams = read_cam(tmp_path / "empty.npy", VOC)
-    assert keys.size == 0 and np.array_equal(cam_to_label(keys, cams), np.zeros((4, 6), np.int64))
+    assert keys.size == 0 and np.array_equal(predict(keys, cams, VOC)[0], np.zeros((4, 6), np.uint8))
     nan = good["attn_highres"].copy()
     nan[0, 0, 0] = np.nan
     bad({**good, "attn_highres": nan}, "NaN")

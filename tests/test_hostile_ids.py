@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 from PIL import Image
 
-import helpers
 from clip_es.cli import generate_cams_main
 from clip_es.eval_cli import eval_cam_main, eval_crf_main
 from tagclip.cli import classify_main
-from tagclip.errors import InputError
-from tagclip.labels import read_split
+from toolkit.errors import InputError
+from toolkit.splits import read_split
 
 
 def _bad_ids(tmp_path: Path) -> dict[str, str]:

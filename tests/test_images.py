@@ -1,28 +1,19 @@
-"""Tests for tagclip.images: bit-exact preprocessing, mode handling and input errors."""
+"""Tests for toolkit.images and clip.preprocess: bit-exact preprocessing, mode handling and input errors."""
 
 import math
 import warnings
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
 
-import helpers
-from tagclip.errors import InputError
-from tagclip import images
-from tagclip.images import (
-    CLIP_MEAN,
-    CLIP_STD,
-    DEFAULT_MAX_SIDE,
-    PATCH_SIZE,
-    iter_image_files,
-    load_model_input,
-    open_image,
-    to_model_input,
-    to_rgb_or_l,
-)
+from clip.preprocess import CLIP_MEAN, CLIP_STD, PATCH_SIZE, load_model_input, to_model_input
+from toolkit import images
+from toolkit.errors import InputError
+from toolkit.images import DEFAULT_MAX_SIDE, iter_image_files, open_image, to_rgb_or_l
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN_JPG = FIXTURES / "golden" / "inputs" / "VOC" / "JPEGImages" / "2007_000121.jpg"

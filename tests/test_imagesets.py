@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tagclip import datasets
-from tagclip.labels import read_split
+from pipelines import datasets
 from tagclip.registry import DATASETS
-from tagclip.vocab import COCO_STUFF_182_TO_171
+from toolkit.splits import read_split
+from toolkit.vocab import COCO_STUFF_182_TO_171
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGESET = REPO_ROOT / "imageset"

@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 from PIL import Image
 
-import helpers
-from clip_es.cams import load_cam
+from clip_es.cam_files import load_cam
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 12
@@ -117,8 +117,9 @@ def _running(pid: int) -> bool:
 def test_sigkill_of_the_crf_run_ends_its_pool_workers(tmp_path):
     """eval_cam_with_crf.py --jobs 2 SIGKILLed mid-run: its workers end too (they used to keep
     running, about 470 MB each)."""
-    import eval_helpers as eh
     import shutil
+
+    import eval_helpers as eh
 
     cams = eh.write_cam_dir("voc2012", tmp_path / "cams0")
     voc = eh.folder("voc2012")

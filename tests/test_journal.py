@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from tagclip.cli import classify_main
-from tagclip.journal import ScoreJournal, file_stamp, run_key
+from toolkit.files import file_stamp
+from toolkit.resume import ScoreJournal, run_key
 
 FIXTURES = Path(__file__).parent / "fixtures" / "golden"
 TINY = FIXTURES / "tiny_clip_fp16.npz"
@@ -150,7 +151,7 @@ def test_decoding_workers_give_the_same_outputs(voc_run, capsys):
 def test_input_error_pickles():
     import pickle
 
-    from tagclip.errors import InputError
+    from toolkit.errors import InputError
     err = pickle.loads(pickle.dumps(InputError("/x/y.jpg", "cannot read image: truncated")))
     assert (err.path, err.problem, str(err)) == ("/x/y.jpg", "cannot read image: truncated",
                                                  "/x/y.jpg: cannot read image: truncated")

@@ -1,4 +1,4 @@
-"""Tests for tagclip.labels: split files, label files and score files."""
+"""Tests for toolkit.splits and tagclip.labels: split files, label files and score files."""
 
 import csv
 import json
@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from tagclip.errors import InputError
-from tagclip.labels import (
-    SplitEntry,
-    label_file_lines,
-    label_file_name,
-    labels_to_onehot,
-    read_split,
-    write_scores,
-    write_text_atomic,
-)
+from tagclip.labels import label_file_lines, label_file_name, labels_to_onehot, write_scores
+from toolkit.errors import InputError
+from toolkit.files import write_text_atomic
+from toolkit.splits import SplitEntry, read_split
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden" / "reference"
 

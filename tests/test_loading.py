@@ -15,10 +15,10 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import save_torchscript
 
 from clip import loading
-from tagclip.errors import InputError
-from helpers import save_torchscript
+from toolkit.errors import InputError
 
 NESTED_KEY = "visual.transformer.resblocks.0.attn.in_proj_weight"
 FAKE_NAME = "Fake-ViT/1"

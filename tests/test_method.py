@@ -3,18 +3,32 @@ plus degenerate image sizes through the whole pass."""
 from __future__ import annotations
 
 import cv2
+import helpers
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import helpers
 import tagclip.method as method
-from tagclip.boxes import CAM_CONTOURS, TAGCLIP_CONTOURS, box_union, scoremap2bbox
-from tagclip.images import to_model_input
-from tagclip.method import (CropJob, TagCLIPParams, attention_vote, box_refine, classify_batch,
-                            coarse_scores, crop_inputs, fuse, local_scores, patch_maps, plan_crops,
-                            refinement_matrix, region_masks, self_only_masks)
+from clip.preprocess import to_model_input
+from tagclip.method import (
+    CropJob,
+    TagCLIPParams,
+    attention_vote,
+    box_refine,
+    classify_batch,
+    coarse_scores,
+    crop_inputs,
+    fuse,
+    local_scores,
+    patch_maps,
+    plan_crops,
+    positional_table,
+    refinement_matrix,
+    region_masks,
+    self_only_masks,
+)
+from toolkit.boxes import CAM_CONTOURS, TAGCLIP_CONTOURS, box_union, scoremap2bbox
 
 TOL = 1e-6
 
@@ -321,7 +335,7 @@ def test_plan_crops_candidates_order_boxes_and_regions():
     local = _local(CLS0, CLS1, CLS2, CLS3)
     jobs = _plan(local, 4)
     # ascending class order although the scores rank 2 (0.875) > 1 (0.75) > 3 (0.625)
-    assert [j.cls for j in jobs] == [1, 2, 3]
+    assert [j.class_index for j in jobs] == [1, 2, 3]
     assert [j.box for j in jobs] == [BOX1, BOX2, BOX3]
     assert all(j.image == 0 for j in jobs)
     assert torch.equal(jobs[0].region, torch.ones(2, 2, dtype=torch.bool))   # (0,4) == 0.5 excluded
@@ -332,15 +346,15 @@ def test_plan_crops_candidates_order_boxes_and_regions():
 def test_plan_crops_threshold_uses_the_whole_matrix_including_background():
     local = _local(CLS0, CLS1, CLS2, CLS3)
     no_bg = local[..., :4]                      # hi 0.875 -> thr 0.4375: class 0 (0.5) joins
-    assert [j.cls for j in _plan(no_bg, 4)] == [0, 1, 2, 3]
-    assert [j.cls for j in _plan(local, 4, rel=0.7)] == [1, 2]   # thr 0.7
-    assert [j.cls for j in _plan(local, 4, rel=0.1)] == [0, 1, 2, 3]
+    assert [j.class_index for j in _plan(no_bg, 4)] == [0, 1, 2, 3]
+    assert [j.class_index for j in _plan(local, 4, rel=0.7)] == [1, 2]   # thr 0.7
+    assert [j.class_index for j in _plan(local, 4, rel=0.1)] == [0, 1, 2, 3]
 
 
 def test_plan_crops_mask_threshold_is_strict():
     local = _local(CLS0, CLS1, CLS2, CLS3)
     jobs = _plan(local, 4, mask=0.49)           # now (0,4) of class 1 (exactly 0.5) is inside
-    assert jobs[0].cls == 1 and jobs[0].box == (1, 0, 4, 3)
+    assert jobs[0].class_index == 1 and jobs[0].box == (1, 0, 4, 3)
 
 
 @pytest.mark.parametrize("empty", ["last_row", "last_col", "constant"])
@@ -350,7 +364,7 @@ def test_plan_crops_stops_at_the_first_empty_box(empty):
     scores = local_scores(local, 5)
     assert bool(scores[0, 2] > 0.5)            # the empty-box class is a candidate
     jobs = _plan(local, 5)
-    assert [(j.cls, j.box) for j in jobs] == [(1, BOX1)]   # earlier kept, later dropped (Q3)
+    assert [(j.class_index, j.box) for j in jobs] == [(1, BOX1)]   # earlier kept, later dropped (Q3)
 
 
 def test_plan_crops_stop_is_per_image():
@@ -358,7 +372,7 @@ def test_plan_crops_stop_is_per_image():
     full = _local(CLS0, CLS1, CLS0, CLS2, CLS3)
     local = torch.cat([stopped, full])
     jobs = plan_crops(local, local_scores(local, 5), (GH, GW), 0.5, 0.5)
-    assert [(j.image, j.cls, j.box) for j in jobs] == [
+    assert [(j.image, j.class_index, j.box) for j in jobs] == [
         (0, 1, BOX1), (1, 1, BOX1), (1, 3, BOX2), (1, 4, BOX3)]
 
 
@@ -474,8 +488,9 @@ def test_classify_batch_uses_params_constants(tiny_model):
     default = classify_batch(tiny_model, x, text, N_FG, TagCLIPParams())
     no_self = classify_batch(tiny_model, x, text, N_FG, TagCLIPParams(self_mask_value=0.0))
     with torch.no_grad():
-        plain = tiny_model.visual(x, need_weights=True).tokens  # same explicit attention path
+        table = positional_table(tiny_model.visual, tiny_model.visual.grid_of(x))
+        plain = tiny_model.visual(x, need_weights=True, positional_embedding=table).tokens  # same explicit path
     assert helpers.max_abs_diff(no_self.coarse, coarse_scores(plain, text, tiny_model.logit_scale)) <= 1e-6
     assert helpers.max_abs_diff(default.coarse, no_self.coarse) > 1e-3
     other_layers = classify_batch(tiny_model, x, text, N_FG, TagCLIPParams(refine_layers=tuple(range(11))))
-    assert helpers.max_abs_diff(other_layers.refine, default.refine) > 0
+    assert helpers.max_abs_diff(other_layers.refinement, default.refinement) > 0

@@ -7,19 +7,20 @@ import functools
 import math
 import pickle
 
+import helpers
 import numpy as np
 import pytest
 import torch
+from helpers import save_torchscript
 
 import clip
-import helpers
 from clip import build_model, tokenize
-from clip.model import (ALL_AT_ONCE, CPU_ATTENTION, Attention, AttentionSchedule, Linear, ResidualAttentionBlock,
-                        packing_supported)
-from clip.model import linear as model_linear
-from tagclip.errors import InputError
+from clip.intermediates import attention_parts
+from clip.kernels import ALL_AT_ONCE, CPU_ATTENTION, AttentionSchedule, Linear, input_gradient, packing_supported
+from clip.kernels import linear as model_linear
+from clip.model import Attention, ResidualAttentionBlock
 from tagclip.method import region_masks, self_only_masks
-from helpers import save_torchscript
+from toolkit.errors import InputError
 
 ATOL = 1e-5
 WEIGHTS_ATOL = 1e-6
@@ -116,12 +117,12 @@ def test_returned_weights_are_the_unmasked_softmax_averaged_over_heads(case):
 
 
 def test_parts_equal_the_explicit_forward():
-    """Attention.parts keeps the intermediates of exactly the unmasked explicit forward."""
+    """attention_parts keeps the intermediates of exactly the unmasked explicit forward."""
     attn, x = _attention(), _tokens()
     with torch.no_grad():
         out, weights = attn(x, None, need_weights=True)
-        parts = attn.parts(x)
-        one = attn.parts(x[:1], CPU_ATTENTION)
+        parts = attention_parts(attn, x)
+        one = attention_parts(attn, x[:1], CPU_ATTENTION)
         first, first_weights = attn(x, None, need_weights=True, schedule=CPU_ATTENTION)
     # The same steps (one image, one head at a time) on the same numbers: the same bits.
     assert torch.equal(one.out, first[:1]) and torch.equal(one.weights, first_weights[:1])
@@ -174,7 +175,7 @@ def test_attention_schedules_are_bit_equal_at_clip_sizes(name):
             got, got_weights = attn(x, m, need_weights=True, schedule=SCHEDULES[name])
             assert torch.equal(got, out) and torch.equal(got_weights, weights)
             if m is None:  # parts() is the unmasked pass
-                parts = attn.parts(x[:1], SCHEDULES[name])
+                parts = attention_parts(attn, x[:1], SCHEDULES[name])
                 assert torch.equal(parts.out, out[:1]) and torch.equal(parts.weights, weights[:1])
 
 
@@ -509,7 +510,7 @@ def test_packed_weights_follow_the_weight_and_never_travel():
         assert torch.equal(second, model_linear(x, layer.weight, layer.bias))
         assert helpers.max_abs_diff(second - layer.bias, 2 * (first - layer.bias)) <= ATOL
         grad = torch.randn(7, 3 * WIDTH)
-        assert helpers.max_abs_diff(layer.input_gradient(grad), grad @ layer.weight) <= ATOL
+        assert helpers.max_abs_diff(input_gradient(layer, grad), grad @ layer.weight) <= ATOL
     assert "_onednn_weights" not in copy.deepcopy(layer).__dict__
     assert "_onednn_weights" not in pickle.loads(pickle.dumps(layer)).__dict__
     layer.double()

@@ -7,15 +7,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import helpers
 from clip_es.cli import generate_cams_main
 from clip_es.eval_cli import eval_cam_main, eval_crf_main
-from tagclip.cli import classify_main, main
+from pipelines.command import main
+from tagclip.cli import classify_main
 
 # A folder no process can create, root included (procfs refuses new entries).
 UNWRITABLE = Path("/proc/tagclip-test-output")
@@ -62,7 +63,7 @@ def test_classify_checks_its_outputs_before_the_model(flag, where, named, work, 
 
 def test_a_full_disk_during_a_run_is_one_line(work, capsys, monkeypatch):
     """The resume journal on a full disk (/dev/full answers every write with ENOSPC)."""
-    from tagclip.journal import ScoreJournal
+    from toolkit.resume import ScoreJournal
     out = work / "out"
     out.mkdir()
     journal = out / ".voc2007_val_tagclip.txt.journal"

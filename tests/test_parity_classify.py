@@ -10,19 +10,21 @@ import functools
 import hashlib
 import math
 
+import helpers
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import helpers
 from helpers import SCORE_ATOL, SCORE_RTOL, assert_close_abs_or_rel
-from tagclip.images import load_model_input
-from tagclip.labels import label_file_lines, labels_to_onehot, read_split
-from tagclip.method import (classify_batch, crop_inputs, region_masks, self_only_masks)
+
+from clip.preprocess import load_model_input
+from clip_es.trunk import cam_positional_table
+from tagclip.labels import label_file_lines, labels_to_onehot
+from tagclip.method import classify_batch, crop_inputs, positional_table, region_masks, self_only_masks
 from tagclip.metrics import f1_overall, mean_average_precision
 from tagclip.registry import get_dataset
 from tagclip.tagger import Tagger, batch_by_size
+from toolkit.splits import read_split
 
 DATASETS = helpers.GOLDEN_DATASETS
 IMAGE_CASES = [(ds, iid) for ds in DATASETS for iid in helpers.golden_image_ids(ds)]
@@ -33,7 +35,7 @@ METRIC_ATOL = 1e-4
 # (TagCLIPOutput field, golden npz key) for the per-image stage comparison.
 STAGES = [
     ("coarse", "logits_coarse"),          # S
-    ("refine", "attn_weight"),            # R (only stored for small images)
+    ("refinement", "attn_weight"),            # R (only stored for small images)
     ("attn_refined", "logits_attn"),      # S1
     ("box_refined", "logits_refined"),    # S2
     ("local_scores", "logits_max_pre_cwr"),
@@ -99,8 +101,10 @@ def test_main_pass_image_features(dataset, image_id, tiny_model):
     x = model_input(dataset, image_id)
     n_tokens = 1 + (x.shape[1] // 16) * (x.shape[2] // 16)
     masks = self_only_masks(tiny_model.visual.transformer.layers, n_tokens, -100.0)
+    grid = (x.shape[1] // 16, x.shape[2] // 16)
     with torch.no_grad():
-        tokens = tiny_model.visual(x[None], masks).tokens[0]
+        table = positional_table(tiny_model.visual, grid)
+        tokens = tiny_model.visual(x[None], masks, positional_embedding=table).tokens[0]
     ref = helpers.golden_npz(dataset)[f"{image_id}/image_features"]
     assert_close_abs_or_rel(tokens, ref, f"{dataset}/{image_id} image_features")
 
@@ -148,7 +152,7 @@ def test_crop_plan_matches_reference(dataset, image_id):
     candidates = [int(c) for c in torch.nonzero(out.local_scores[0] > thr).flatten()]
     assert candidates == cwr["candidates"]
 
-    plan = [(job.cls, list(job.box)) for job in out.crops]
+    plan = [(job.class_index, list(job.box)) for job in out.crops]
     assert plan == [(f["ccls"], f["box_x1y1x2y2"]) for f in forwards]
     assert len(plan) == cwr["n_forwards"]
     assert all(job.image == 0 for job in out.crops)
@@ -157,7 +161,7 @@ def test_crop_plan_matches_reference(dataset, image_id):
         assert [16 * (y2 - y1), 16 * (x2 - x1)] == f["crop_hw"]
         assert tuple(job.region.shape) == (y2 - y1, x2 - x1)
 
-    done = [job.cls for job in out.crops]
+    done = [job.class_index for job in out.crops]
     if cwr["early_return"]:
         stop = cwr["early_return_at_cls"]
         assert stop in candidates and stop not in done
@@ -272,6 +276,7 @@ def test_metrics_match_reference(dataset):
 def test_native_grid_uses_the_stored_positional_table(tiny_model):
     visual = tiny_model.visual
     assert visual.native_grid == (14, 14)
+    assert positional_table(visual, (14, 14)) is visual.positional_embedding
     assert visual.positional_embedding_for((14, 14)) is visual.positional_embedding
 
 
@@ -284,11 +289,13 @@ def test_other_grids_resize_then_round_to_fp16(tiny_model, grid):
     resized = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False)
     unrounded = torch.cat([table[:1], resized.reshape(d, -1).t()], dim=0)
     expected = unrounded.half().float()
-    got = visual.positional_embedding_for(grid)
+    got = positional_table(visual, grid)  # TagCLIP's table (quirk Q1)
     assert got.dtype == torch.float32
     assert tuple(got.shape) == (1 + grid[0] * grid[1], d)
     assert torch.equal(got, expected)
     assert not torch.equal(got, unrounded)  # the rounding is real for these grids
+    # the backbone's own table for a grid is the plain resize: the rounding is the method's
+    assert torch.equal(visual.positional_embedding_for(grid), unrounded)
 
 
 def test_224_image_takes_the_stored_table_path():
@@ -299,7 +306,7 @@ def test_224_image_takes_the_stored_table_path():
 
 def test_224_embedding_uses_unrounded_table_only_at_native_size():
     """With float32 (not fp16-exact) weights the two paths are distinguishable: a 224x224
-    input adds the stored table unrounded; always_resize (CLIP-ES) rounds it."""
+    input adds the stored table unrounded; CLIP-ES's table (always resized) rounds it."""
     model = helpers.random_model(seed=3, vision_width=64)
     visual = model.visual
     table = visual.positional_embedding.detach()
@@ -311,8 +318,8 @@ def test_224_embedding_uses_unrounded_table_only_at_native_size():
         tokens = torch.cat([cls, patches], dim=1)
         expected = visual.ln_pre(tokens + table)
         rounded = visual.ln_pre(tokens + table.half().float())
-        got = visual.embed(x)
-        got_resized = visual.embed(x, always_resize_pos=True)
+        got = visual.embed(x, positional_table(visual, (14, 14)))
+        got_resized = visual.embed(x, cam_positional_table(visual.positional_embedding, (14, 14)))
     assert torch.equal(got, expected)
     assert torch.equal(got_resized, rounded)
     assert not torch.equal(got, got_resized)

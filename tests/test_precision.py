@@ -16,19 +16,22 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+import helpers
 import numpy as np
 import pytest
 import torch
 
-import helpers
 import clip
+from clip.preprocess import load_model_input
+from clip_es import cam_files as CF
 from clip_es import cams as C
+from clip_es import gradcam as G
+from clip_es import trunk as T
 from clip_es.cli import generate_cams_main, generate_cams_parser
+from clip_es.registry import get_cam_config
 from tagclip import cli as tagclip_cli
 from tagclip.cli import classify_main
-from tagclip.images import load_model_input
 from tagclip.method import self_only_masks
-from tagclip.registry import get_dataset
 from tagclip.tagger import Tagger
 from tagclip.text_features import cache_key, class_embeddings
 
@@ -99,7 +102,8 @@ def test_precision_names():
     assert clip.precision_dtype("bf16") == torch.bfloat16
     with pytest.raises(ValueError):
         clip.precision_dtype("fp8")
-    assert tuple(clip.PRECISIONS) == tagclip_cli.PRECISION_CHOICES
+    choices = next(a.choices for a in tagclip_cli.classify_parser()._actions if a.dest == "precision")
+    assert tuple(clip.PRECISIONS) == tuple(choices) == ("fp32", "fp16", "bf16")
 
 
 def test_attention_maps_are_float32_for_a_bf16_model():
@@ -170,7 +174,7 @@ def test_fp16_scores_on_one_tiny_image():
 
 
 def test_bf16_cams_close_to_fp32():
-    cfg = get_dataset("voc2012").cam
+    cfg = get_cam_config("voc2012")
     iid, labels = CAM_IMAGE
     x, size_hw = load_model_input(helpers.golden_image_path("voc2007", iid))
     results = {}
@@ -192,21 +196,21 @@ def test_fp16_gradcams_close_to_fp32():
     """The written-out backward pass applies the patch mean's 1/P last, so float16 gradients
     stay out of the subnormal range: on this image the fp16 Grad-CAMs are within 0.013 of
     float32 (autograd run in float16, which divides first, lands 0.28 away)."""
-    cfg = get_dataset("coco2017").cam
+    cfg = get_cam_config("coco2017")
     iid, labels = FP16_GRADCAM_IMAGE
     x, _ = load_model_input(helpers.golden_image_path("coco2014", iid))
     cams = {}
     for dt in (torch.float32, torch.float16):
         model = tiny(dt)
-        trunk = C.encode_trunk(model, x, cfg.affinity_layers)
+        trunk = T.encode_trunk(model, x, cfg.affinity_layers)
         rows = C.image_text_rows(C.encode_cam_text(model, cfg), labels)
-        cams[dt] = C.gradcam(model, trunk, rows, C.target_rows(labels)).cams
+        cams[dt] = G.gradcam(model, trunk, rows, C.target_rows(labels)).cams
     assert helpers.max_abs_diff(cams[torch.float16], cams[torch.float32]) <= FP16_GRADCAM_ATOL
 
 
 def test_precision_defaults_to_fp32_in_both_stages():
     """fp32 by default on every device, classification and CAMs alike (the paper's setting)."""
-    assert tagclip_cli.DEFAULT_PRECISION == "fp32"
+    assert tagclip_cli.classify_parser().get_default("precision") == "fp32"
     argv = ["--dataset", "voc2012", "--img_root", "i", "--split_file", "s", "--cam_out_dir", "c"]
     assert generate_cams_parser().parse_args(argv).precision == "fp32"
     assert generate_cams_parser().parse_args(argv + ["--precision", "bf16"]).precision == "bf16"
@@ -262,5 +266,5 @@ def test_generate_cams_cli_bf16(tmp_path):
                              "--cam_out_dir", str(tmp_path / "cams"), "--model", str(helpers.TINY_CHECKPOINT),
                              "--model_cache", str(tmp_path / "mc"), "--device", "cpu", "--precision", "bf16"])
     assert rc == 0
-    keys, maps = C.load_cam(C.cam_path(tmp_path / "cams", iid))
+    keys, maps = CF.load_cam(CF.cam_path(tmp_path / "cams", iid))
     assert keys.tolist() == list(labels) and maps.dtype == np.float16

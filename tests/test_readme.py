@@ -11,8 +11,8 @@ import pytest
 from clip_es.cli import generate_cams_parser
 from clip_es.eval_cli import eval_cam_parser, eval_crf_parser
 from tagclip.cli import classify_parser
-from tagclip.labels import read_split
 from tagclip.registry import get_dataset
+from toolkit.splits import read_split
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")

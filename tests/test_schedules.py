@@ -7,15 +7,16 @@ results are the same bits; where a batch size changes a matrix product's shape, 
 """
 from __future__ import annotations
 
+import helpers
 import numpy as np
 import pytest
 import torch
 
-import helpers
-from clip.model import ALL_AT_ONCE, CPU_ATTENTION, AttentionSchedule
+from clip.kernels import ALL_AT_ONCE, CPU_ATTENTION, AttentionSchedule
+from clip.preprocess import load_model_input
 from clip_es import cams as C
+from clip_es.registry import get_cam_config
 from tagclip import tagger as tagger_module
-from tagclip.images import load_model_input
 from tagclip.method import classify_batch
 from tagclip.registry import get_dataset
 from tagclip.tagger import Schedule, Tagger
@@ -75,8 +76,8 @@ def test_schedules_give_the_same_intermediates(tiny_model):
                 "crops_one_by_one": (None, 1, CPU_ATTENTION), "heads_only": (2, 3, AttentionSchedule(heads=2))}.items()}
     ref = runs["cpu"]
     for name, out in runs.items():
-        assert [(j.image, j.cls, j.box) for j in out.crops] == [(j.image, j.cls, j.box) for j in ref.crops], name
-        for field in ("scores", "local_scores", "coarse", "refine", "attn_refined", "box_refined"):
+        assert [(j.image, j.class_index, j.box) for j in out.crops] == [(j.image, j.class_index, j.box) for j in ref.crops], name
+        for field in ("scores", "local_scores", "coarse", "refinement", "attn_refined", "box_refined"):
             helpers.assert_close_abs_or_rel(getattr(out, field), getattr(ref, field), f"{name} {field}",
                                             atol=SCHEDULE_ATOL, rtol=0)
 
@@ -92,7 +93,7 @@ def test_stage_batch_stacks_into_one_buffer(staged):
 def test_cam_schedules_give_the_same_bits(dataset, folder, tiny_model):
     """generate_cams.py's stage under the GPU and the CPU attention schedule: the same CAM files."""
     image_id = helpers.golden_image_ids(folder)[0]
-    cfg = get_dataset(dataset).cam
+    cfg = get_cam_config(dataset)
     x, size_hw = load_model_input(helpers.golden_image_path(folder, image_id))
     text = C.encode_cam_text(tiny_model, cfg)
     labels = (0, 14, 2)

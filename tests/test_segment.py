@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_es.cams import load_cam
-from tagclip.cli import main
+from clip_es.cam_files import load_cam
+from pipelines.command import main
 
 TINY = Path(__file__).parent / "fixtures" / "golden" / "tiny_clip_fp16.npz"
 SIZES = {"wide": (96, 48), "tall": (48, 80), "tiny": (10, 7)}
@@ -74,8 +74,8 @@ def _differs(a: dict, b: dict) -> bool:
 def _flag_cases(tmp_path: Path, folder: Path):
     """flag -> (extra argv, check(baseline outputs, rc, outputs, stderr, calls)), one per accepted option."""
     other_ckpt = tmp_path / "other.pt"
-    import torch
     import helpers
+    import torch
     torch.save(helpers.random_state_dict(seed=11), other_ckpt)
     big = tmp_path / "big"
     big.mkdir()
@@ -154,7 +154,7 @@ def _baseline_of(folder: Path, tmp_path: Path) -> dict:
 def test_every_accepted_segment_flag_changes_something(folder, tmp_path, monkeypatch, capsys):
     import argparse
 
-    from tagclip.segment import add_segment_arguments
+    from pipelines.segment import add_segment_arguments
     from tagclip.tagger import Tagger
 
     parser = argparse.ArgumentParser()

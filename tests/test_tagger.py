@@ -6,19 +6,20 @@ enough that it cuts nothing (an independent count: ``clip.text`` counts with its
 """
 from __future__ import annotations
 
+import helpers
 import numpy as np
 import open_clip
 import pytest
 import torch
 from PIL import Image
 
-import helpers
 from clip import TAGCLIP_TEMPLATES
-from clip.errors import InputError
+from clip.prompts import encode_prompt_ensemble
 from clip.text import CONTEXT_LENGTH, EOT_TOKEN, SOT_TOKEN, TextTooLongError, tokenize
 from clip_es.cams import CAM_TEMPLATE
 from tagclip import Tagger
-from tagclip.text_features import cache_key, class_embeddings, encode_prompt_ensemble
+from tagclip.text_features import cache_key, class_embeddings
+from toolkit.errors import InputError
 
 # SPEC §3, VOC classification names in order (written out, not read from the registry).
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",

@@ -1,4 +1,4 @@
-"""Pictures (``tagclip.vis`` and ``--vis_dir`` of the scripts): every file a PNG of the right
+"""Pictures (``toolkit.vis`` and ``--vis_dir`` of the scripts): every file a PNG of the right
 size, heat maps that follow the map, legends that list the classes present, bar charts with
 NaN and 171 classes, and runs whose numbers do not change when pictures are drawn."""
 from __future__ import annotations
@@ -6,15 +6,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import eval_helpers as eh
 import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
 
-import eval_helpers as eh
-from clip_es.masks import voc_colormap
-from tagclip import vis
-from tagclip.registry import get_dataset, get_eval_config
+from clip_es.registry import get_eval_config
+from tagclip.registry import get_dataset
+from toolkit import vis
+from toolkit.palette import voc_colormap
 
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden"
 TINY = GOLDEN / "tiny_clip_fp16.npz"

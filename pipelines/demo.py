@@ -4,30 +4,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .images import iter_image_files, load_model_input
-from .tagger import Tagger
+from clip.loading import load_model
+from clip.preprocess import load_model_input
+from tagclip.tagger import Tagger
+from toolkit.cli import add_model_arguments
+from toolkit.images import iter_image_files
 
 SAMPLES_DIR = Path(__file__).with_name("samples")
 DEMO_DATASETS = ("voc2007", "coco2014")
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_checkpoint_code_argument
-
-    p.add_argument("--model_path", default="ViT-B/16",
-                   help="OpenAI model name (downloaded on first use, SHA256 checked) or a checkpoint file")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_model_arguments(p)
     p.add_argument("--images", default=str(SAMPLES_DIR), help="image folder (default: the bundled samples)")
-    p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
-    add_checkpoint_code_argument(p)
 
 
 def run_demo(args) -> int:
-    from .cli import DEFAULT_PRECISION, load_model
-
     files = iter_image_files(args.images)
-    images = [load_model_input(Path(args.images) / name)[0] for _, name in files]
-    model = load_model(args.model_path, args.device, DEFAULT_PRECISION, args.model_cache, args.allow_checkpoint_code)
+    model = load_model(args.model_path, args.device, args.precision, args.model_cache, args.allow_checkpoint_code)
+    patch = model.visual.patch_size
+    images = [load_model_input(Path(args.images) / name, patch_size=patch)[0] for _, name in files]
     device = next(model.parameters()).device
     for dataset in DEMO_DATASETS:
         tagger = Tagger.for_dataset(model, dataset)

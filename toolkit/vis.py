@@ -21,9 +21,10 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from clip_es.masks import IGNORE_LABEL, voc_colormap, write_bytes_atomic
+from toolkit.files import write_bytes_atomic
+from toolkit.palette import IGNORE_LABEL, voc_colormap
 
-from .images import read_image_file
+from .images import open_image
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
@@ -39,13 +40,15 @@ IGNORE_NAME = "ignore"
 
 # ----------------------------------------------------------------------------- helpers
 
-def load_rgb(image: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or an H x W x 3 uint8 array (RGB)."""
+def load_rgb(image: ImageLike, exif_transpose: bool = False) -> Image.Image:
+    """An RGB PIL image from a path, a PIL image or an H x W x 3 uint8 array (RGB). A path is
+    read as the model reads it (:func:`toolkit.images.open_image`, never downscaled), so a
+    picture shows the pixels the numbers were computed on."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
         return Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).convert("RGB")
-    return read_image_file(image, convert=lambda img: img.convert("RGB"))
+    return open_image(image, exif_transpose=exif_transpose, max_side=None).convert("RGB")
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -87,13 +90,14 @@ def _font(size: int):
 # ----------------------------------------------------------------------------- tags
 
 def draw_tags(image: ImageLike, tags: Sequence[tuple[str, float]], out_path,
-              max_lines: int = 12) -> list[str]:
+              max_lines: int = 12, exif_transpose: bool = False) -> list[str]:
     """Write ``image`` (own size) as PNG with a semi-transparent box listing ``tags``.
 
     ``tags`` are ``(name, score)`` pairs; they are listed best first. Returns the text
     lines drawn (at most ``max_lines``; the last one says how many were left out).
+    ``exif_transpose``: a path is read with its EXIF orientation applied, as the model read it.
     """
-    base = load_rgb(image).convert("RGBA")
+    base = load_rgb(image, exif_transpose).convert("RGBA")
     width, height = base.size
     ordered = sorted(tags, key=lambda t: (-_sort_key(t[1]), str(t[0])))
     lines = [f"{name}  {score:.3f}" if _finite(score) else f"{name}  n/a" for name, score in ordered]

@@ -47,3 +47,19 @@ def box_union(boxes, shape: tuple[int, int]) -> np.ndarray:
     for x0, y0, x1, y1 in boxes:
         grid[y0:y1, x0:x1] = 1.0
     return grid
+
+
+def box_masks(maps: np.ndarray, thresholds, mode: int) -> np.ndarray:
+    """(..., gh, gw) score maps -> (..., gh, gw) float32 0/1: per map, the union of its boxes
+    (:func:`scoremap2bbox` at that map's threshold, then :func:`box_union`).
+
+    ``thresholds`` broadcasts against the maps' leading dimensions and keeps its numeric type
+    (see :func:`scoremap2bbox`): a float32 array for TagCLIP's per-map means, a Python float
+    for the CAM stage's fixed threshold."""
+    grid = maps.shape[-2:]
+    flat = maps.reshape(-1, *grid)                                         # (..., gh, gw) -> (n, gh, gw)
+    levels = np.broadcast_to(np.asarray(thresholds), maps.shape[:-2]).reshape(-1)
+    out = np.empty(flat.shape, dtype=np.float32)
+    for i, (scores, level) in enumerate(zip(flat, levels)):
+        out[i] = box_union(scoremap2bbox(scores, level, mode), grid)
+    return out.reshape(maps.shape)

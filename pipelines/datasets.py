@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m tagclip.datasets prepare --dataset {voc2007,voc2012,coco2014,coco2017,cocostuff}
+    tagclip prepare --dataset {voc2007,voc2012,coco2014,coco2017,cocostuff}
         --root DIR [--out FILE] [--skip_difficult] [--all_images] [--check] [--masks_out DIR] [--overwrite]
 
 Every split line is ``id l1 l2 ...`` with 0-based class ids; ``--out`` defaults to the
@@ -74,17 +74,19 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-import tagclip
-from tagclip.errors import InputError
-from tagclip.images import read_image_file
-from tagclip.labels import read_bytes, read_split, write_text_atomic
-from tagclip.vocab import COCO_CLASSES, COCO_STUFF_182, COCO_STUFF_UNUSED, VOC_CLASSES
+from tagclip.registry import DATASETS
+from toolkit.errors import InputError
+from toolkit.files import read_bytes, write_bytes_atomic, write_text_atomic
+from toolkit.images import read_image_file
+from toolkit.palette import IGNORE_LABEL
+from toolkit.splits import read_split
+from toolkit.vocab import COCO_CLASSES, COCO_STUFF_182, COCO_STUFF_UNUSED, VOC_CLASSES
 
 DATASET_NAMES = ("voc2007", "voc2012", "coco2014", "coco2017", "cocostuff")
 
 # The split files shipped with the repository (the authors' files; see imageset/README.md).
 # Every default location of a shipped file is derived from this one path.
-IMAGESET_DIR = Path(tagclip.__file__).resolve().parents[1] / "imageset"
+IMAGESET_DIR = Path(__file__).resolve().parents[1] / "imageset"
 
 # Image counts of the splits ``prepare`` writes by default (as in the paper); ``--check``
 # asserts them. COCO-Stuff's default is the paper's subset of val2017.
@@ -100,7 +102,6 @@ EXPECTED_SIZES_ALL_IMAGES = {
     "cocostuff": 5000,
 }
 
-IGNORE = 255
 
 # Official COCO names that the paper spells the VOC way (COCO_CLASSES uses the paper's names).
 COCO_PAPER_SPELLINGS = {
@@ -316,7 +317,7 @@ def render_coco_mask(coco, img_id: int, cat_map: dict[int, int]) -> np.ndarray:
         for ann in anns:
             if ann.get("iscrowd", 0):
                 region = coco.annToMask(ann).astype(bool)
-                mask[region & ~covered] = IGNORE
+                mask[region & ~covered] = IGNORE_LABEL
     return mask
 
 
@@ -328,7 +329,6 @@ def encode_l_png(mask: np.ndarray) -> bytes:
 
 def write_coco_masks(coco, json_path, rows, masks_out, overwrite: bool = False) -> tuple[int, int]:
     """Render the masks of ``rows`` into ``masks_out``; returns ``(written, skipped)``."""
-    from clip_es.masks import write_bytes_atomic
 
     cat_map = coco_category_map(coco, json_path)
     masks_out = Path(masks_out)
@@ -354,7 +354,7 @@ def write_coco_masks(coco, json_path, rows, masks_out, overwrite: bool = False) 
 def stuff_labels(png_path: Path) -> list[int]:
     """182-index ids present in one stuffthingmaps PNG (255 excluded), ascending.
 
-    Opened by :func:`tagclip.images.read_image_file`: a map over the pixel limit, or in another
+    Opened by :func:`toolkit.images.read_image_file`: a map over the pixel limit, or in another
     mode than L / P, is an InputError before it is decoded."""
     def pixels(img) -> np.ndarray:
         if img.mode not in ("L", "P"):
@@ -364,7 +364,7 @@ def stuff_labels(png_path: Path) -> list[int]:
     values = np.unique(read_image_file(png_path, "COCO-Stuff map", pixels))
     labels = []
     for value in values.tolist():
-        if value == IGNORE:
+        if value == IGNORE_LABEL:
             continue
         if value >= len(COCO_STUFF_182):
             raise InputError(png_path, f"value {value} is not a COCO-Stuff id (0..181, 255 unlabeled)")
@@ -376,7 +376,6 @@ def stuff_labels(png_path: Path) -> list[int]:
 
 def shipped_split(dataset: str, imageset_dir=None) -> Path:
     """Path of the split file of ``dataset`` shipped in ``imageset_dir`` (default :data:`IMAGESET_DIR`)."""
-    from tagclip.registry import DATASETS
 
     folder = Path(IMAGESET_DIR if imageset_dir is None else imageset_dir)
     return folder / Path(DATASETS[dataset].default_split).relative_to("imageset")
@@ -460,7 +459,6 @@ def check_against_shipped(ids: Sequence[str], shipped) -> None:
 
 
 def default_out(dataset: str) -> Path:
-    from tagclip.registry import DATASETS
 
     return Path(DATASETS[dataset].default_split)
 
@@ -517,12 +515,10 @@ def prepare(dataset: str, root, out=None, skip_difficult: bool = False, check: b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tagclip.datasets",
-        description="Write or check the split files of imageset/ from the official dataset releases.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="write one dataset's split file",
-                       description="Write one dataset's split file (and optionally COCO2017 masks).")
+    p = argparse.ArgumentParser(
+        prog="tagclip prepare",
+        description="Write (or check) one dataset's split file of imageset/ from its official release, and "
+                    "optionally COCO2017 masks.")
     p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     p.add_argument("--root", required=True,
                    help="VOC year folder; COCO folder holding annotations/; COCO-Stuff folder holding val2017/")
@@ -540,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "present (labels are not compared; cocostuff with --all_images: the count only)")
     p.add_argument("--masks_out", default=None, help="coco2017: render 81-class masks {id}.png into this folder")
     p.add_argument("--overwrite", action="store_true", help="with --masks_out: re-render existing mask files")
-    return parser
+    return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -10,7 +10,7 @@ with a picture of the image beside its mask and a colour legend.
 Choices for an open vocabulary (the paper fixes them per dataset): the CAM stage uses the
 class names as given (no synonyms), the ``--background`` words or else the single word
 ``background`` (as COCO-Stuff does), and the COCO settings for affinity blocks and box
-threshold (``tagclip.registry.COCO_AFFINITY_LAYERS``, ``COCO_CAM_BOX_THRESHOLD``).
+threshold (``clip_es.registry.COCO_AFFINITY_LAYERS``, ``COCO_CAM_BOX_THRESHOLD``).
 
 Every flag it accepts changes what it does (a test holds it to that); flags of ``tagclip tag``
 that have no meaning here (``--output_dir``, ``--vis_dir``, ``--workers``, ``--exif_transpose``)
@@ -23,14 +23,33 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
-from .errors import InputError, Interrupted
-from .images import iter_image_files, load_model_input
-from .journal import folder_lock
-from .labels import write_scores, write_text_atomic
-from .registry import COCO_AFFINITY_LAYERS, COCO_CAM_BOX_THRESHOLD, CamConfig, EvalConfig
-from .vocab import COCO_STUFF_CAM_BACKGROUND
+from clip.kernels import AttentionSchedule
+from clip.loading import load_model
+from clip.preprocess import load_model_input
+from clip_es.cam_files import save_cam
+from clip_es.cams import compute_cams, encode_cam_text
+from clip_es.crf import crf_predict
+from clip_es.evaluation import predict, read_bgr
+from clip_es.masks import write_label_png
+from clip_es.registry import (
+    COCO_AFFINITY_LAYERS,
+    COCO_CAM_BOX_THRESHOLD,
+    COCO_STUFF_CAM_BACKGROUND,
+    CamConfig,
+    EvalConfig,
+)
+from tagclip.cli import add_tagging_arguments, user_vocabulary
+from tagclip.labels import check_scores_path, write_scores
+from tagclip.tagger import Tagger
+from toolkit.cli import check_outputs, report_failures
+from toolkit.errors import InputError, Interrupted
+from toolkit.files import write_text_atomic
+from toolkit.images import file_size_hw, iter_image_files
+from toolkit.resume import folder_lock
+from toolkit.vis import mask_comparison
 
 DEFAULT_OUT = "./segment_out"
 LEGEND_FILE = "classes.json"
@@ -39,8 +58,6 @@ LEGEND_SCORE_DIGITS = 6
 
 
 def add_segment_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_image_arguments, add_model_arguments
-
     p.add_argument("img_root", help="image folder (every image in it is segmented)")
     p.add_argument("--classes", default=None, help="your class names: a file with one per line, or 'cat,dog,sofa'")
     p.add_argument("--background", default=None,
@@ -54,40 +71,28 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
                    help="pixels whose winning score is below this become 255 (ignored by trainers)")
     p.add_argument("--scores_out", default=None,
                    help="also write every image's tag scores: .npy, .csv (header of class names) or .json")
-    add_model_arguments(p)
-    add_image_arguments(p)
+    add_tagging_arguments(p)
 
 
 def run_segment(args) -> int:
-    from .cli import check_outputs, user_vocabulary
-
     if not args.classes:
         raise InputError("--classes", "tagclip segment needs your class names (--classes 'cat,dog' or a file)")
     names, background = user_vocabulary(args.classes, args.background)
     files = iter_image_files(args.img_root)
-    check_outputs(args.out, args.scores_out)
+    check_outputs(args.out)
+    if args.scores_out:
+        check_scores_path(args.scores_out)
     with folder_lock(args.out, "segment"):
         return _segment_locked(args, names, background, files)
 
 
 def _segment_locked(args, names, background, files) -> int:
     """The run, with the output folder locked against another segment run into it."""
-    from clip.model import AttentionSchedule
-    from clip_es.cams import compute_cams, encode_cam_text, save_cam
-    from clip_es.cli import file_size_hw
-    from clip_es.crf import crf_predict
-    from clip_es.evaluation import predict, read_bgr
-    from clip_es.masks import write_label_png
-
-    from .cli import load_model, report_failures
-    from .tagger import Tagger
-    from .vis import mask_comparison
-
     model = load_model(args.model_path, args.device, args.precision, args.model_cache, args.allow_checkpoint_code)
     tagger = Tagger(model, names, background, use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
     attention = AttentionSchedule.for_device(tagger.device)
     cam_cfg = CamConfig(names, background or COCO_STUFF_CAM_BACKGROUND,
-                        COCO_AFFINITY_LAYERS, COCO_CAM_BOX_THRESHOLD, len(names) + 1)
+                        COCO_AFFINITY_LAYERS, COCO_CAM_BOX_THRESHOLD, len(names) + 1, names)
     eval_cfg = EvalConfig("custom", ("background", *names), True, tuple(range(1, len(names) + 1)))
     cam_text = encode_cam_text(model, cam_cfg)
     out = Path(args.out)
@@ -122,7 +127,7 @@ def _segment_locked(args, names, background, files) -> int:
                 for image_id, name in files[start:start + args.batch_size]:
                     path = Path(args.img_root) / name
                     try:
-                        tensor, loaded_hw = load_model_input(path, max_side=args.max_side)
+                        tensor, loaded_hw = load_model_input(path, max_side=args.max_side, patch_size=tagger.patch_size)
                         chunk.append((image_id, path, tensor, file_size_hw(path, loaded_hw, args.max_side)))
                     except InputError as err:
                         fail(err)
@@ -141,11 +146,8 @@ def _segment_locked(args, names, background, files) -> int:
         raise Interrupted(f"the outputs of {len(scored_ids)} of {len(files)} image(s) are in {out}; tagclip segment "
                           "does not resume: a rerun redoes every image") from None
     legend = {"0": "background", **{str(i + 1): n for i, n in enumerate(names)}}
-    legend = {"0": "background", **{str(i + 1): n for i, n in enumerate(names)}}
     write_text_atomic(out / LEGEND_FILE, json.dumps({"labels": legend, "tags": tags}, indent=1) + "\n")
     if args.scores_out and scored_rows:
-        import torch
-
         write_scores(args.scores_out, scored_ids, names, torch.stack(scored_rows))
     print(f"segmented {len(scored_ids)} of {len(files)} image(s): masks {out / 'masks'}, pictures "
           f"{out / 'overlays'}, CAMs {out / 'cams'}, legend and tags {out / LEGEND_FILE}"

@@ -66,32 +66,6 @@ COCO_STUFF_182_TO_171 = {
 }
 COCO_STUFF_CLASSES = tuple(COCO_STUFF_182[f] for f in COCO_STUFF_182_TO_171)
 
-# SPEC §8: CAM-stage synonyms (CLIP-ES), replacing the classification name at the same index.
-VOC_CAM_SYNONYMS = {
-    "bird": "bird avian", "chair": "chair seat", "person": "person with clothes,people,human",
-    "tvmonitor": "tvmonitor screen",
-}
-COCO_CAM_SYNONYMS = {
-    "person": "person with clothes,people,human", "bird": "bird avian", "backpack": "backpack,bag",
-    "umbrella": "umbrella,parasol", "handbag": "handbag,purse", "tie": "necktie",
-    "snowboard": "sknowboard",  # sic: the reference's spelling, kept for parity
-    "baseball glove": "glove", "spoon": "dessertspoon", "chair": "chair seat",
-    "tvmonitor": "tvmonitor screen", "remote": "remote control", "hair drier": "hairdrier,blowdrier",
-}
-VOC_CAM_CLASSES = tuple(VOC_CAM_SYNONYMS.get(n, n) for n in VOC_CLASSES)
-COCO_CAM_CLASSES = tuple(COCO_CAM_SYNONYMS.get(n, n) for n in COCO_CLASSES)
-# SPEC §5: COCO-Stuff CAMs compete with one background word.
-COCO_STUFF_CAM_BACKGROUND = ("background",)
-
-# SPEC §5: COCO-Stuff CAM-stage names: the 171 classes with the CLIP-ES synonyms.
-COCO_STUFF_CAM_SYNONYMS = {
-    "person": "person with clothes,people,human", "airplane": "aeroplane", "bird": "bird avian",
-    "backpack": "backpack,bag", "umbrella": "umbrella,parasol", "handbag": "handbag,purse",
-    "tie": "necktie", "baseball glove": "glove", "spoon": "dessertspoon", "chair": "chair seat",
-    "tv": "tvmonitor screen", "remote": "remote control", "hair drier": "hairdrier,blowdrier",
-}
-COCO_STUFF_CAM_CLASSES = tuple(COCO_STUFF_CAM_SYNONYMS.get(n, n) for n in COCO_STUFF_CLASSES)
-
 # SPEC §6: the official COCO-Stuff coarse classes (27) and the fine-182 -> coarse-27 mapping.
 COCO_STUFF_COARSE = (
     "electronic", "appliance", "food things", "furniture things", "indoor", "kitchen",

@@ -24,8 +24,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from clip.errors import InputError
-from clip.loading import resolve_device
+from toolkit.devices import resolve_device
+from toolkit.errors import InputError
 
 # How long a rank that finished its share waits for the others at the final gather. Ranks
 # finish at different times (image sizes, crop counts), and over a long run the gap can pass

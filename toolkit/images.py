@@ -1,44 +1,27 @@
-"""Reading images and turning them into the model's input tensor.
+"""Reading image files: the toolkit's one image reader, used by every stage.
 
-The preprocessing matches the reference TagCLIP code bit for bit:
-
-1. resize the PIL image with ``Image.resize((W', H'), Image.Resampling.BICUBIC)`` to
-   ``H' = ceil(H / 16) * 16`` and ``W' = ceil(W / 16) * 16`` (no crop, aspect ratio not kept);
-   this is exactly what torchvision's ``Resize((H', W'), BICUBIC)`` does to a PIL image;
-2. ``ToTensor``: uint8 HWC -> float32 CHW, divided by 255;
-3. ``Normalize(CLIP_MEAN, CLIP_STD)``: ``(x - mean) / std`` per channel in float32.
-
-Greyscale images: the reference stacked an ``'L'`` image to three channels and then resized
-it. PIL resamples each 8-bit channel independently with the same coefficients, so resizing the
-single ``'L'`` channel and stacking afterwards gives identical numbers at a third of the cost;
-that is what :func:`to_model_input` does (the tests check the equality).
-
-Reading (:func:`open_image`) normalises every PIL mode to ``'RGB'`` or ``'L'`` and turns every
-problem with the file into :class:`tagclip.errors.InputError`. Every image file the toolkit reads
-(model inputs, GT masks, the CRF's images, COCO-Stuff maps) is opened by
-:func:`read_image_file`: PIL reads the header, and nothing over :data:`MAX_IMAGE_PIXELS` is
-decoded.
+:func:`read_image_file` opens every image file the toolkit reads (model inputs, GT masks, the
+CRF's images, COCO-Stuff maps, pictures): PIL reads the header, and nothing over
+:data:`MAX_IMAGE_PIXELS` is decoded. :func:`open_image` normalises every PIL mode to ``'RGB'``
+or ``'L'``, applies the EXIF orientation when asked, and downscales images over ``max_side``;
+every problem with a file is a :class:`toolkit.errors.InputError`. Turning an image into
+CLIP's input tensor is :mod:`clip.preprocess`'s job.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import os
 import warnings
-from typing import Callable, TypeVar
+from dataclasses import dataclass
+from typing import Callable, Optional, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tagclip.errors import InputError
+from .errors import InputError, short_reason
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PATCH_SIZE = 16
-
-#: Longest side an image may have before the 16-px rounding. Every VOC / COCO image is far
+#: Longest side an image may have before the model's patch rounding. Every VOC / COCO image is far
 #: below this; larger photos are downscaled first (aspect ratio kept), see :func:`open_image`.
 DEFAULT_MAX_SIDE = 4096
 
@@ -53,11 +36,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 _T = TypeVar("_T")
 
-_MEAN_T = torch.tensor(CLIP_MEAN, dtype=torch.float32)
-_STD_T = torch.tensor(CLIP_STD, dtype=torch.float32)
 
-# Longest PIL error text kept in an InputError message (messages stay one short line).
-_MAX_REASON = 160
+@dataclass(frozen=True)
+class ReadOptions:
+    """How every stage reads an image for the model (``--exif_transpose``, ``--max_side``)."""
+    exif_transpose: bool = False          # honour EXIF orientation (off: the reference and the annotations)
+    max_side: Optional[int] = DEFAULT_MAX_SIDE  # downscale larger images first (None: never)
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,18 +114,6 @@ def to_rgb_or_l(img: Image.Image) -> Image.Image:
 # reading
 
 
-def _short_reason(exc: BaseException, path: str) -> str:
-    """A one-line, short form of a PIL / OS error, without repeating the path."""
-    text = str(exc).strip()
-    for form in (repr(path), path):
-        text = text.replace(form, "").strip()
-    text = text.splitlines()[0].strip() if text else ""
-    text = text or type(exc).__name__
-    if len(text) > _MAX_REASON:
-        text = text[: _MAX_REASON - 3] + "..."
-    return text
-
-
 def _downscale(img: Image.Image, max_side: int) -> Image.Image:
     w, h = img.size
     longest = max(w, h)
@@ -161,7 +134,7 @@ def _image_size_problem(size: tuple[int, int], what: str) -> str | None:
         return f"zero-size {what} ({w}x{h})"
     if w * h > MAX_IMAGE_PIXELS:
         return (f"{what} too large: {w}x{h} (WxH) = {w * h} pixels, more than the limit of "
-                f"{MAX_IMAGE_PIXELS} (tagclip.images.MAX_IMAGE_PIXELS)")
+                f"{MAX_IMAGE_PIXELS} (toolkit.images.MAX_IMAGE_PIXELS)")
     return None
 
 
@@ -216,14 +189,14 @@ def read_image_file(path, what: str = "image", convert: Callable[[Image.Image], 
     except IsADirectoryError:
         raise InputError(spath, f"is a directory, not a{'n' if what[:1] in 'aeiou' else ''} {what}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InputError(spath, f"{what} too large: {_short_reason(e, spath)} "
+        raise InputError(spath, f"{what} too large: {short_reason(e, spath)} "
                                 "(limit: PIL.Image.MAX_IMAGE_PIXELS)") from None
     except UnidentifiedImageError:
         raise InputError(spath, f"cannot read {what}: not a recognised image format") from None
     except MemoryError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
-        raise InputError(spath, f"cannot read {what}: {_short_reason(e, spath)}") from None
+        raise InputError(spath, f"cannot read {what}: {short_reason(e, spath)}") from None
 
 
 def open_image(path, exif_transpose: bool = False, max_side: int | None = DEFAULT_MAX_SIDE
@@ -265,7 +238,7 @@ def open_image(path, exif_transpose: bool = False, max_side: int | None = DEFAUL
     opened by :func:`read_image_file`, so an image over :data:`MAX_IMAGE_PIXELS` (PIL's default
     decompression-bomb limit, about 89 megapixels, far above a 12-megapixel photo) or over
     ``PIL.Image.MAX_IMAGE_PIXELS`` is an :class:`InputError` before it is decoded. Images
-    smaller than 16 px on a side are valid.
+    smaller than one patch on a side are valid.
 
     Raises :class:`InputError` ``(path, problem)`` for a missing file, a directory, an empty,
     corrupt, truncated or non-image file, a zero-size image, an image over the pixel limit and
@@ -291,57 +264,13 @@ def open_image(path, exif_transpose: bool = False, max_side: int | None = DEFAUL
     return img
 
 
-# --------------------------------------------------------------------------------------------
-# model input
-
-
-def model_input_size(size_hw: tuple[int, int], patch_size: int = PATCH_SIZE) -> tuple[int, int]:
-    """``(H, W)`` -> ``(ceil(H / p) * p, ceil(W / p) * p)``."""
-    h, w = size_hw
-    return math.ceil(h / patch_size) * patch_size, math.ceil(w / patch_size) * patch_size
-
-
-def to_model_input(img: Image.Image, patch_size: int = PATCH_SIZE) -> torch.Tensor:
-    """The normalised ``(3, H', W')`` float32 model input for a PIL image.
-
-    ``H'``, ``W'`` are the height and width rounded up to a multiple of ``patch_size``. Images
-    not in mode ``'RGB'`` / ``'L'`` are converted first as in :func:`open_image`. ``'L'`` is
-    resized as one channel and then repeated to three (bit-identical to the reference, which
-    stacked first).
-    """
-    if not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
-    img = to_rgb_or_l(img)
-    w, h = img.size
-    if w < 1 or h < 1:
-        raise ValueError(f"cannot make a model input from a zero-size image ({w}x{h})")
-    new_h, new_w = model_input_size((h, w), patch_size)
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    arr = np.array(img, dtype=np.uint8, copy=True)
-    t = torch.from_numpy(arr)
-    if img.mode == "L":
-        t = t.unsqueeze(0).expand(3, new_h, new_w)
-    else:
-        t = t.permute(2, 0, 1)
-    t = t.to(torch.float32).contiguous().div(255)
-    return t.sub_(_MEAN_T[:, None, None]).div_(_STD_T[:, None, None])
-
-
-def load_model_input(path, exif_transpose: bool = False,
-                     max_side: int | None = DEFAULT_MAX_SIDE, patch_size: int = PATCH_SIZE
-                     ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Open ``path`` and return ``(model_input, (H, W))``.
-
-    ``(H, W)`` is the size of the image as :func:`open_image` returned it: after the optional
-    EXIF transpose and the mode conversion, before the 16-px rounding. If ``max_side`` made
-    :func:`open_image` downscale the image, it is the downscaled size (the size the model's
-    input was made from, so maps computed on it line up with it); for every image within
-    ``max_side`` it is the file's own size, which is what the reference used.
-    """
-    img = open_image(path, exif_transpose=exif_transpose, max_side=max_side)
-    w, h = img.size
-    return to_model_input(img, patch_size=patch_size), (h, w)
+def file_size_hw(path, loaded_hw: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """The image file's own (H, W), given the (H, W) :func:`open_image` returned with
+    ``max_side``: the same unless ``max_side`` may have downscaled it (then the header is read)."""
+    if max_side is None or max(loaded_hw) < max_side:
+        return loaded_hw
+    w, h = read_image_file(path, convert=lambda img: img.size)  # the header only
+    return h, w
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +294,7 @@ def iter_image_files(root) -> list[tuple[str, str]]:
     try:
         names = os.listdir(sroot)
     except OSError as e:
-        raise InputError(sroot, f"cannot list folder: {_short_reason(e, sroot)}") from None
+        raise InputError(sroot, f"cannot list folder: {short_reason(e, sroot)}") from None
     found: dict[str, str] = {}
     for name in sorted(names):
         if name.startswith("."):

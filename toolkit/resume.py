@@ -11,13 +11,24 @@ is ignored and replaced. The file stamp (size and mtime of the input) lets a res
 redo an image whose file was replaced in the meantime. A torn last line (the process died
 mid-write) is ignored.
 
-* :class:`ScoreJournal` — a row of classification scores, as ``float.hex()`` (exact);
-* :class:`CamJournal` — the labels of a written CAM file and that file's own stamp;
-* :class:`HistJournal` — one image's confusion matrix, as its non-zero ``index:count`` cells.
+The one resume mechanism of every stage: a :class:`Journal` with a payload codec per stage,
 
-Journals live beside a stage's outputs, or under :func:`cache_dir` ``/resume`` when a stage
-writes no files of its own (``eval_cam_with_crf.py --eval_only``); never in the working
-directory.
+* :class:`ScoreJournal` (``classify.py``) — a row of classification scores, as ``float.hex()`` (exact);
+* :class:`CamJournal` (``generate_cams.py``) — the labels of a written CAM file and that file's own stamp;
+* :class:`HistJournal` (``eval_cam_with_crf.py``) — one image's confusion matrix, as its non-zero
+  ``index:count`` cells;
+
+and one rule for what a rerun keeps (:meth:`Journal.resume`): a record of the same run key
+whose input file still has its stamp and that the stage's own check accepts (the output file
+is still there, or still the one written). Journals live beside a stage's outputs, or under
+:func:`~toolkit.files.cache_dir` ``/resume`` when a stage writes no files of its own
+(``eval_cam_with_crf.py --eval_only``); never in the working directory. Runs of one stage
+into one folder are kept apart by :func:`folder_lock`.
+
+Why a text file and not a database: each record is one line written with ``O_APPEND`` and
+fsync'ed, so a crash loses at most the line being written, which the reader drops; the file
+needs no server, no locking protocol that network filesystems break (SQLite's own manual
+warns against its locks on NFS), and a person can read it.
 """
 from __future__ import annotations
 
@@ -26,7 +37,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 try:  # POSIX; elsewhere runs are not locked (see folder_lock)
     import fcntl
@@ -35,10 +46,8 @@ except ImportError:  # pragma: no cover - Windows
 
 import numpy as np
 
-from clip.loading import CACHE_ENV  # moves every cache of the toolkit
-
-from .errors import InputError
-from .labels import atomic_writer
+from .errors import InputError, short_reason
+from .files import atomic_writer
 
 MAGIC = "# tagclip-journal 3"
 RESUME_DIR = "resume"
@@ -46,14 +55,6 @@ RESUME_DIR = "resume"
 LOCK_OWNER_CHARS = 64
 # The longest record line a journal is read up to (a score row of 171 classes is about 4 KB).
 MAX_RECORD_CHARS = 1 << 20
-
-
-def cache_dir() -> Path:
-    """``$TAGCLIP_CACHE``, else ``$XDG_CACHE_HOME/tagclip``, else ``~/.cache/tagclip``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base).expanduser() / "tagclip"
 
 
 @contextmanager
@@ -71,7 +72,7 @@ def folder_lock(folder, name: str) -> Iterator[None]:
         try:
             handle = open(path, "a+", encoding="utf-8")
         except OSError as exc:
-            raise InputError(path, f"cannot create the run's lock file ({exc.strerror or exc})") from None
+            raise InputError(path, f"cannot create the run's lock file ({short_reason(exc)})") from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -104,16 +105,8 @@ def run_key(**settings) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
-def file_stamp(path) -> str:
-    """``size:mtime_ns`` of a file, or ``missing``."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-class _Journal:
+class Journal:
+    """Finished per-image records of one run key (subclasses: the payload codec of a stage)."""
     kind = "base"
 
     def __init__(self, path: Path, key: str):
@@ -150,6 +143,15 @@ class _Journal:
         except (OSError, UnicodeDecodeError, ValueError):
             return {}
 
+    def valid(self, stamps: Mapping[str, str], keep: Optional[Callable[[str, Any], bool]] = None,
+              done: Optional[dict[str, tuple[str, Any]]] = None) -> dict[str, tuple[str, Any]]:
+        """The records a rerun keeps (the resume rule of every stage): of ``done`` (default:
+        this journal's records), those of an image in ``stamps`` whose input file still has
+        the stamp it had, and that ``keep(image id, value)`` accepts (default: all)."""
+        done = self.load() if done is None else done
+        return {i: rec for i, rec in done.items()
+                if i in stamps and rec[0] == stamps[i] and (keep is None or keep(i, rec[1]))}
+
     def start(self, done: dict[str, tuple[str, Any]]) -> None:
         """Rewrite the journal with the records kept from ``done`` (drops a torn tail)."""
         lines = self._lines(done.keys(), (st for st, _ in done.values()), (v for _, v in done.values()))
@@ -165,7 +167,7 @@ class _Journal:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
-            raise InputError(self.path, f"cannot write the resume journal ({exc.strerror or exc})") from None
+            raise InputError(self.path, f"cannot write the resume journal ({short_reason(exc)})") from None
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -175,7 +177,7 @@ class _Journal:
             yield f"{image_id}\t{stamp}\t{self.encode(value)}\n"
 
 
-class ScoreJournal(_Journal):
+class ScoreJournal(Journal):
     """Rows of ``n_cols`` float32 scores."""
     kind = "scores"
 
@@ -193,7 +195,7 @@ class ScoreJournal(_Journal):
         return np.asarray(row, dtype=np.float32)
 
 
-class CamJournal(_Journal):
+class CamJournal(Journal):
     """Per image: the CAM file's stamp when it was written and the labels it holds. A CAM
     file is kept on resume only if it is still that file (same stamp) for the same labels."""
     kind = "cams"
@@ -207,7 +209,7 @@ class CamJournal(_Journal):
         return cam_stamp, tuple(int(c) for c in labels)
 
 
-class HistJournal(_Journal):
+class HistJournal(Journal):
     """(n, n) int64 confusion matrices plus a count of unexpected GT pixels, stored sparsely."""
     kind = "confusion"
 
