@@ -9,9 +9,11 @@ A prompt that does not fit CLIP's text context (77 tokens) is an error naming th
 """
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from toolkit.errors import InputError
 
@@ -59,7 +61,8 @@ def encode_prompt_ensemble(model: CLIP, names: Sequence[str], templates: Sequenc
     lengths = tokens.argmax(dim=-1)  # end-token position of every prompt
     order = torch.argsort(lengths, stable=True)
     feats = torch.empty(len(tokens), model.text_projection.shape[1], dtype=torch.float32)
-    for start in range(0, len(tokens), batch_size):
+    for start in tqdm(range(0, len(tokens), batch_size), unit="batch", desc=f"text ({len(tokens)} prompts)",
+                      file=sys.stderr, leave=False):
         idx = order[start:start + batch_size]
         out = model.encode_text(tokens[idx].to(device)).float()
         feats[idx] = (out / out.norm(dim=-1, keepdim=True)).cpu()

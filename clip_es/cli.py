@@ -31,6 +31,7 @@ from clip_es.cam_files import MAX_CAM_CLASSES, cam_path, load_cam, save_cam
 from clip_es.cams import CAM_TEMPLATE, compute_cams, encode_cam_text
 from toolkit import sharding
 from toolkit.cli import (
+    HelpFormatter,
     add_max_side_argument,
     add_model_arguments,
     add_on_error_argument,
@@ -46,15 +47,15 @@ from toolkit.prefetch import prefetched
 from toolkit.resume import CamJournal, folder_lock, run_key
 from toolkit.splits import SplitEntry, image_path, read_split
 
-from .registry import CAM_CONFIGS, get_cam_config
+from .registry import CAM_CONFIGS, GT_SPLIT_LABEL_MAPS, get_cam_config
 
 CAM_DATASETS = tuple(CAM_CONFIGS)
 
 
 def generate_cams_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="generate_cams.py",
-        description="CLIP-ES CAMs from a label file (SPEC §5): one {cam_out_dir}/{id}.npy per image, "
+        prog="generate_cams.py", formatter_class=HelpFormatter,
+        description="CLIP-ES CAMs from a label file: one {cam_out_dir}/{id}.npy per image, "
                     "a dict {'keys': class ids, 'attn_highres': float16 K x H x W} at the image's own size "
                     "(an id without labels gets K = 0). The model runs in float32 on every device "
                     "(--precision changes that).")
@@ -64,10 +65,14 @@ def generate_cams_parser() -> argparse.ArgumentParser:
     p.add_argument("--img_root", required=True, help="image folder ({img_root}/{id}.jpg)")
     p.add_argument("--split_file", required=True,
                    help="'id l1 l2 ...' per line: a TagCLIP label file (output/<dataset>_val_tagclip.txt) or a "
-                        "ground-truth split. Class ids index the dataset's vocabulary: for cocostuff the 171 "
-                        "classes, so a 182-index COCO-Stuff split must be converted to 171-index ids first")
+                        "ground-truth split. Class ids index the dataset's vocabulary (for cocostuff the 171 "
+                        "classes) unless --gt_split says they are the dataset's own ids")
+    p.add_argument("--gt_split", action="store_true",
+                   help="--split_file is a ground-truth split in the dataset's own class ids (for cocostuff the "
+                        "182-index ids of imageset/cocostuff/val.txt and `tagclip prepare`), mapped to the CAM "
+                        "vocabulary; for voc2012 and coco2017 the two are the same")
     p.add_argument("--cam_out_dir", required=True, help="output folder of the CAM files")
-    add_model_arguments(p, names=("--model", "--model_path"))
+    add_model_arguments(p, names=("--model_path", "--model"))  # --model: the authors' spelling
     add_on_error_argument(p)
     p.add_argument("--overwrite", action="store_true",
                    help="recompute every image (default: keep the CAM files an earlier run with the same "
@@ -77,16 +82,20 @@ def generate_cams_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_label_file(path, dataset: str, num_classes: int) -> list[SplitEntry]:
+def read_label_file(path, dataset: str, num_classes: int, gt_split: bool = False) -> list[SplitEntry]:
     """Label-file lines, ids checked against the vocabulary; COCO-Stuff errors say which ids.
-    A line with more labels than a CAM file may hold (MAX_CAM_CLASSES) is refused here, before
-    a CAM file no reader would accept is written."""
+    ``gt_split``: the file holds the dataset's own class ids (a ground-truth split), mapped to
+    the CAM vocabulary through :data:`~clip_es.registry.GT_SPLIT_LABEL_MAPS` (COCO-Stuff:
+    182-index -> 171 classes). A line with more labels than a CAM file may hold
+    (MAX_CAM_CLASSES) is refused here, before a CAM file no reader would accept is written."""
+    label_map = GT_SPLIT_LABEL_MAPS.get(dataset) if gt_split else None
     try:
-        entries = read_split(path, num_classes=num_classes)
+        entries = read_split(path, num_classes=num_classes, label_map=label_map)
     except InputError as err:
-        if dataset == "cocostuff" and "outside the vocabulary" in err.problem:
-            raise InputError(err.path, f"{err.problem} (COCO-Stuff label ids are the 171 class "
-                                       f"indices; convert a 182-index split file first)") from None
+        if dataset in GT_SPLIT_LABEL_MAPS and not gt_split and "outside the vocabulary" in err.problem:
+            raise InputError(err.path, f"{err.problem} (a label file holds the {num_classes} class indices; "
+                                       "for a ground-truth split in the dataset's own ids, such as "
+                                       "imageset/cocostuff/val.txt, add --gt_split)") from None
         raise
     for entry in entries:
         if len(entry.labels) > MAX_CAM_CLASSES:
@@ -140,7 +149,7 @@ def _run_generate_cams(args, shard: sharding.Shard) -> int:
     """Under torchrun every rank writes the CAM files of its share of the images (image j
     goes to rank j mod K); a rank's failures are reported by that rank."""
     cfg = get_cam_config(args.dataset)
-    entries = read_label_file(args.split_file, args.dataset, len(cfg.class_names))
+    entries = read_label_file(args.split_file, args.dataset, len(cfg.class_names), args.gt_split)
     entries = [entries[i] for i in sharding.owned_indices(len(entries), 1, shard)]
     out_dir = Path(args.cam_out_dir)
     check_outputs(out_dir, vis_dir=args.vis_dir)
@@ -179,10 +188,14 @@ def _generate_locked(args, shard: sharding.Shard, cfg, entries: Sequence[SplitEn
     except KeyboardInterrupt:
         raise Interrupted(f"{len(kept) + len(written)} of {len(entries)} CAM file(s) are written and kept in "
                           f"{out_dir}; the same command resumes from there") from None
-    if getattr(args, "vis_dir", None):
+    if args.vis_dir:
         # failed images have no CAM file of this run and get no picture
         finished = [e for e in entries if e.id in kept or e.id in written]
         draw_overlays(args.vis_dir, finished, root, out_dir, cfg.display_names)
+    who = "" if shard.world == 1 else f" (process {shard.rank + 1} of {shard.world})"
+    print(f"CAMs of {len(kept) + len(written)} of {len(entries)} image(s){who} in {out_dir}: {len(written)} written, "
+          f"{len(kept)} kept from an earlier run, {len(failures)} skipped"
+          + (f"; pictures in {args.vis_dir}" if args.vis_dir else ""))
     return report_failures(failures)
 
 

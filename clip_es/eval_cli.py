@@ -23,11 +23,20 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from clip_es.cam_files import cam_path
 from clip_es.masks import write_label_png
 from toolkit import sharding
-from toolkit.cli import add_on_error_argument, add_vis_argument, finite_float, guarded, positive_int, report_failures
+from toolkit.cli import (
+    HelpFormatter,
+    add_on_error_argument,
+    add_vis_argument,
+    finite_float,
+    guarded,
+    positive_int,
+    report_failures,
+)
 from toolkit.errors import InputError, Interrupted
 from toolkit.files import cache_dir, file_stamp, writable_dir, write_text_atomic
 from toolkit.resume import RESUME_DIR, HistJournal, folder_lock, run_key
@@ -84,14 +93,15 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
 
 def eval_cam_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="eval_cam.py", description="Evaluate CLIP-ES CAMs (argmax with background) against GT masks.")
+        prog="eval_cam.py", formatter_class=HelpFormatter,
+        description="Evaluate CLIP-ES CAMs (argmax with background) against GT masks.")
     _common_arguments(p)
     p.add_argument("--cam_type", default=CAM_TYPE, choices=(CAM_TYPE,), help="CAM array to evaluate")
     p.add_argument("--cam_eval_thres", type=finite_float, default=DEFAULT_CAM_EVAL_THRES,
                    help="reference background rule: >= 1 (default 2) uses (1 - max)^1; < 1 searches "
                         "constant background scores 0.05..0.6 and keeps the best")
     p.add_argument("--gt_root", required=True, help="folder of {id}.png GT masks")
-    p.add_argument("--image_root", default=None,
+    p.add_argument("--img_root", "--image_root", dest="image_root", default=None,
                    help="folder of {id}.jpg images, only for the --vis_dir pictures (without it they "
                         "show prediction and GT only)")
     return p
@@ -99,12 +109,13 @@ def eval_cam_parser() -> argparse.ArgumentParser:
 
 def eval_crf_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="eval_cam_with_crf.py",
+        prog="eval_cam_with_crf.py", formatter_class=HelpFormatter,
         description="Dense-CRF post-processing of CLIP-ES CAMs: pseudo masks and/or evaluation.")
     _common_arguments(p)
     p.add_argument("--gt_root", default=None,
                    help="folder of {id}.png GT masks (needed with --eval_only; evaluated whenever given)")
-    p.add_argument("--image_root", required=True, help="folder of {id}.jpg images")
+    p.add_argument("--img_root", "--image_root", dest="image_root", required=True,
+                   help="folder of {id}.jpg images (--image_root: the authors' spelling)")
     p.add_argument("--eval_only", action="store_true",
                    help="evaluate only; write no pseudo masks")
     p.add_argument("--cam_eval_thres", type=finite_float, default=DEFAULT_CAM_EVAL_THRES,
@@ -166,7 +177,18 @@ def _report(config: EvalConfig, evaluator: SegEvaluator, args, thres: Optional[f
               f"and 255 and were ignored; is --dataset {config.name} right?", file=sys.stderr)
     if args.save_scores:
         write_text_atomic(args.save_scores, _scores_json(config, scores, evaluator.images, extra))
+    _summary(args, evaluator.images, failures, scores.miou)
     return report_failures(failures)
+
+
+def _summary(args, images: int, failures: Sequence[Failure], miou: Optional[float] = None) -> None:
+    """The run's last stdout line: what was done, what was skipped, where the outputs are."""
+    masks = None if getattr(args, "eval_only", False) else args.pseudo_mask_save_path
+    outputs = [f"{what} {where}" for what, where in (("pseudo masks", masks), ("scores", args.save_scores),
+                                                     ("pictures", args.vis_dir)) if where]
+    done = f"evaluated {images} image(s)" if miou is not None else f"processed {images} image(s)"
+    print(done + f" ({len(failures)} skipped)" + (f": mIoU {miou:.4f}" if miou is not None else "")
+          + ("; " + ", ".join(outputs) if outputs else ""))
 
 
 def _draw_comparison(args, config: EvalConfig, image_id: str, labels, gt, thres) -> None:
@@ -194,8 +216,8 @@ def _iou_chart(args, config: EvalConfig, evaluator: SegEvaluator, title: str) ->
         return
     scores = evaluator.scores()
     bar_chart(config.class_names, scores.class_iou.tolist(),
-              f"{title}: IoU per class (mIoU {scores.miou:.4f}, {evaluator.images} images)",
-              Path(args.vis_dir) / "iou_per_class.png", xlabel="IoU")
+              f"{title}: IoU per class (mIoU {scores.miou:.4f} over the classes in the GT, {evaluator.images} images)",
+              Path(args.vis_dir) / "iou_per_class.png", xlabel="IoU", counted=scores.present.tolist())
     print(f">>>pictures written to {args.vis_dir}")
 
 
@@ -237,7 +259,7 @@ def _eval_cam(args, config: EvalConfig, ids: Sequence[str], mask_dir: Optional[P
     evaluators = {t: SegEvaluator(config.num_classes) for t in tried}
     write_now = mask_dir is not None and len(candidates) == 1
     failures: list[Failure] = []
-    for image_id in ids:
+    for image_id in tqdm(ids, unit="img", desc="eval", file=sys.stderr):
         try:
             keys, cams, gt = _load_cam_and_gt(args, config, image_id)
         except InputError as err:
@@ -261,7 +283,7 @@ def _eval_cam(args, config: EvalConfig, ids: Sequence[str], mask_dir: Optional[P
     draw = bool(getattr(args, "vis_dir", None))
     if write_masks or draw:  # one more pass at the chosen threshold: each CAM read once
         failed = {f.image_id for f in failures}
-        for image_id in ids:
+        for image_id in tqdm(ids, unit="img", desc="masks" if write_masks else "pictures", file=sys.stderr):
             if image_id in failed:
                 continue
             keys, cams, gt = _load_cam_and_gt(args, config, image_id)
@@ -411,8 +433,10 @@ def _evaluate_share(args, config: EvalConfig, ids: Sequence[str], mask_dir: Opti
     evaluator = SegEvaluator(config.num_classes)
     failures: list[Failure] = []
     try:
-        with closing(_run_tasks(tasks, args.jobs)) as results:  # closing: stop the pool on an error
+        with closing(_run_tasks(tasks, args.jobs)) as results, \
+                tqdm(total=len(stamps), initial=len(done), unit="img", desc="crf", file=sys.stderr) as bar:
             for result in results:
+                bar.update(1)
                 if result.error is not None:
                     _fail(failures, result.image_id, InputError(*result.error), args.on_error)
                 else:
@@ -449,6 +473,7 @@ def _run_eval_crf(args, shard: sharding.Shard) -> int:
     if shard.is_main:
         print(f"{len(ids)} images to eval")
         print(f"# jobs: {args.jobs}" + (f" in each of {shard.world} processes" if shard.world > 1 else ""))
+    n_images = len(ids)
     ids = [ids[i] for i in sharding.owned_indices(len(ids), 1, shard)]
     journal = _crf_journal(args, config, mask_dir, shard)
     folder = writable_dir(journal.path.parent, "resume folder")
@@ -468,6 +493,7 @@ def _run_eval_crf(args, shard: sharding.Shard) -> int:
     elif getattr(args, "vis_dir", None):
         print(f">>>pictures written to {args.vis_dir}")
     if not args.gt_root:
+        _summary(args, n_images - len(failures), failures)
         return report_failures(failures)
     return _report(config, evaluator, args, None, failures, {"crf": True})
 

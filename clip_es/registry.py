@@ -17,6 +17,7 @@ from toolkit.vocab import (
     COCO_CLASSES,
     COCO_STUFF_171_TO_27,
     COCO_STUFF_182_TO_27,
+    COCO_STUFF_182_TO_171,
     COCO_STUFF_CLASSES,
     COCO_STUFF_COARSE,
     VOC_BACKGROUND,
@@ -83,6 +84,13 @@ COCO_STUFF_CAM = CamConfig(COCO_STUFF_CAM_CLASSES, COCO_STUFF_CAM_BACKGROUND, CO
 # SPEC §5 / §8: the datasets of the CAM stage.
 CAM_CONFIGS: Mapping[str, CamConfig] = MappingProxyType({
     "voc2012": VOC_CAM, "coco2017": COCO_CAM, "cocostuff": COCO_STUFF_CAM,
+})
+
+
+# SPEC §8 / Q7: a ground-truth split's class ids -> the CAM vocabulary's indices, where they
+# differ (COCO-Stuff splits hold the 182-index ids; VOC and COCO splits hold the class indices).
+GT_SPLIT_LABEL_MAPS: Mapping[str, Mapping[int, int]] = MappingProxyType({
+    "cocostuff": MappingProxyType(dict(COCO_STUFF_182_TO_171)),
 })
 
 

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from tagclip.cli import add_run_arguments, classify_main, run_classify
 from tagclip.registry import DATASETS
-from toolkit.cli import guarded
+from toolkit.cli import HelpFormatter, guarded
 
 from . import datasets
 from .demo import add_demo_arguments, run_demo
@@ -18,18 +18,22 @@ PASS_THROUGH = {"classify": classify_main, "prepare": datasets.main}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tagclip", description="TagCLIP: open-vocabulary image tagging with CLIP")
+    p = argparse.ArgumentParser(prog="tagclip", description="TagCLIP: open-vocabulary image tagging with CLIP",
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("classify", help="classify.py: the paper's classification run", add_help=False)
-    tag = sub.add_parser("tag", help="tag every image in a folder with your own class names")
+    tag = sub.add_parser("tag", help="tag every image in a folder with your own class names",
+                         formatter_class=HelpFormatter)
     tag.add_argument("img_root", help="image folder")
     tag.add_argument("--dataset", default="voc2007", choices=list(DATASETS),
                      help="thresholds to use (and the vocabulary when --classes is not given)")
-    add_run_arguments(tag)
+    add_run_arguments(tag, split_file=False)
+    tag.add_argument("--quiet", action="store_true", help="do not print each image's tags")
     add_segment_arguments(sub.add_parser(
-        "segment", help="tags -> CAMs -> masks for every image in a folder, your class names"))
+        "segment", help="tags -> CAMs -> masks for every image in a folder, your class names",
+        formatter_class=HelpFormatter))
     add_demo_arguments(sub.add_parser(
-        "demo", help="tag the bundled sample images with the VOC and COCO vocabularies"))
+        "demo", help="tag the bundled sample images with the VOC and COCO vocabularies", formatter_class=HelpFormatter))
     sub.add_parser("prepare", help="write or check a paper dataset's split file from its official release",
                    add_help=False)
     return p

@@ -75,6 +75,7 @@ import numpy as np
 from PIL import Image
 
 from tagclip.registry import DATASETS
+from toolkit.cli import HelpFormatter
 from toolkit.errors import InputError
 from toolkit.files import read_bytes, write_bytes_atomic, write_text_atomic
 from toolkit.images import read_image_file
@@ -516,7 +517,7 @@ def prepare(dataset: str, root, out=None, skip_difficult: bool = False, check: b
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tagclip prepare",
+        prog="tagclip prepare", formatter_class=HelpFormatter,
         description="Write (or check) one dataset's split file of imageset/ from its official release, and "
                     "optionally COCO2017 masks.")
     p.add_argument("--dataset", required=True, choices=DATASET_NAMES)

@@ -34,4 +34,6 @@ def run_demo(args) -> int:
             best_first = sorted(labels, key=lambda c: -float(row[c]))
             tags = ", ".join(f"{tagger.class_names[c]} {row[c]:.3f}" for c in best_first)
             print(f"  {name:<16} {tags}")
+    print(f"tagged {len(files)} image(s) from {args.images} with the {' and '.join(DEMO_DATASETS)} vocabularies "
+          f"on {device}")
     return 0

@@ -48,6 +48,7 @@ from toolkit.cli import check_outputs, report_failures
 from toolkit.errors import InputError, Interrupted
 from toolkit.files import write_text_atomic
 from toolkit.images import file_size_hw, iter_image_files
+from toolkit.palette import IGNORE_LABEL
 from toolkit.resume import folder_lock
 from toolkit.vis import mask_comparison
 
@@ -118,7 +119,7 @@ def _segment_locked(args, names, background, files) -> int:
                         confidence if args.confidence_threshold is not None else None,
                         args.confidence_threshold)
         mask_comparison(path, label_map, None, eval_cfg.class_names, out / "overlays" / f"{image_id}.png",
-                        title=f"{image_id}: " + ", ".join(tags[image_id]))
+                        title=f"{image_id} ({'CRF' if args.crf else 'no CRF'}): " + ", ".join(tags[image_id]))
 
     try:
         with tqdm(total=len(files), unit="img", desc="segment", file=sys.stderr) as bar:
@@ -146,7 +147,13 @@ def _segment_locked(args, names, background, files) -> int:
         raise Interrupted(f"the outputs of {len(scored_ids)} of {len(files)} image(s) are in {out}; tagclip segment "
                           "does not resume: a rerun redoes every image") from None
     legend = {"0": "background", **{str(i + 1): n for i, n in enumerate(names)}}
-    write_text_atomic(out / LEGEND_FILE, json.dumps({"labels": legend, "tags": tags}, indent=1) + "\n")
+    write_text_atomic(out / LEGEND_FILE, json.dumps({
+        "labels": legend,                                              # mask value -> name
+        "class_index": {n: i for i, n in enumerate(names)},            # 0-based, as label and score files
+        "mask_value": {n: i + 1 for i, n in enumerate(names)},         # 1-based, as the masks (0: background)
+        "ignore_value": IGNORE_LABEL,                                  # below --confidence_threshold
+        "crf": bool(args.crf),
+        "tags": tags}, indent=1) + "\n")
     if args.scores_out and scored_rows:
         write_scores(args.scores_out, scored_ids, names, torch.stack(scored_rows))
     print(f"segmented {len(scored_ids)} of {len(files)} image(s): masks {out / 'masks'}, pictures "

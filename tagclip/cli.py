@@ -7,6 +7,7 @@ images are listed at the end and the exit status is 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from clip.loading import load_model
 from toolkit import sharding
 from toolkit.cli import (
+    HelpFormatter,
     add_max_side_argument,
     add_model_arguments,
     add_on_error_argument,
@@ -28,7 +30,7 @@ from toolkit.cli import (
     report_failures,
 )
 from toolkit.errors import InputError
-from toolkit.files import write_text_atomic
+from toolkit.files import read_text, write_text_atomic
 from toolkit.images import ReadOptions, iter_image_files
 from toolkit.resume import ScoreJournal, folder_lock, run_key
 from toolkit.splits import SplitEntry, image_path, read_split
@@ -41,21 +43,31 @@ from .tagger import DEFAULT_BATCH_SIZE, Tagger, check_vocabulary
 
 RULE = "=" * 48
 CUSTOM_LABEL_FILE = "custom_val_tagclip.txt"
+# A --classes / --background value without a comma that ends in one of these is a file name.
+WORD_LIST_SUFFIXES = (".txt", ".csv", ".lst", ".list")
+
+
+def looks_like_a_file(value: str) -> bool:
+    """Whether a ``--classes`` / ``--background`` value names a file: it has no comma and holds
+    a path separator or ends in one of :data:`WORD_LIST_SUFFIXES`."""
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return "," not in value and (any(sep in value for sep in separators)
+                                 or value.lower().endswith(WORD_LIST_SUFFIXES))
 
 
 def parse_word_list(value: Optional[str]) -> list[str]:
-    """A file with one name per line, or a comma-separated list."""
+    """A file with one name per line, or a comma-separated list. A value that looks like a
+    file (:func:`looks_like_a_file`) but is none is an error, never a class name."""
     if not value:
         return []
     path = Path(value)
     if path.is_file():
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(path, f"cannot read word list: {err}") from None
-        words = [w.strip() for w in lines if w.strip()]
+        words = [w.strip() for w in read_text(path, "word list").splitlines() if w.strip()]
         if not words:
             raise InputError(path, "word list is empty")
+    elif looks_like_a_file(value):
+        raise InputError(path, "no such word list file (a value with a '/' or a .txt suffix is read as a file; "
+                               "give class names as a comma list, e.g. 'cat,dog')")
     else:
         words = [w.strip() for w in value.split(",") if w.strip()]
         if not words:
@@ -87,8 +99,10 @@ def add_tagging_arguments(p: argparse.ArgumentParser) -> None:
     add_max_side_argument(p)
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by ``classify.py`` and ``tagclip tag``."""
+def add_run_arguments(p: argparse.ArgumentParser, split_file: bool = True) -> None:
+    """Flags shared by ``classify.py`` and ``tagclip tag`` (``split_file``: the command may
+    read a split file, whose order and labels the help texts then speak of)."""
+    order = "split order" if split_file else "image order (sorted ids)"
     add_tagging_arguments(p)
     p.add_argument("--classes", default=None,
                    help="open vocabulary: a file with one class name per line, or 'cat,dog,sofa'")
@@ -96,18 +110,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="background words for --classes (file or comma list; default: none)")
     p.add_argument("--output_dir", default="./output", help="where the label file goes (default ./output)")
     p.add_argument("--scores_out", default=None,
-                   help="write the score matrix: .npy (float32, rows in split order), "
+                   help=f"write the score matrix: .npy (float32, rows in {order}), "
                         ".csv (header of class names) or .json ({id: {class: score}})")
     p.add_argument("--exif_transpose", action="store_true",
                    help="honour EXIF orientation (off by default, as the reference and the dataset annotations)")
     add_workers_argument(p)
-    add_vis_argument(p, "{id}.png (the image with its tags and scores) and, with labels in the split file, "
-                        "ap_per_class.png")
+    add_vis_argument(p, "{id}.png (the image with its tags and scores)"
+                     + (" and, with labels in the split file, ap_per_class.png" if split_file else ""))
 
 
 def classify_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="classify.py", description="TagCLIP multi-label classification (SPEC §3-4).")
+        prog="classify.py", formatter_class=HelpFormatter,
+        description="TagCLIP multi-label classification of a split file's images (or of every image in "
+                    "--img_root), with the paper's flags.")
     p.add_argument("--dataset", default="voc2007", choices=list(DATASETS),
                    help="vocabulary, thresholds and label ids of a paper dataset (default voc2007)")
     p.add_argument("--img_root", required=True, help="image folder ({img_root}/{id}.jpg)")
@@ -116,6 +132,7 @@ def classify_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_file", action="store_true",
                    help="accepted for compatibility: the label file is always written")
     add_run_arguments(p)
+    p.set_defaults(quiet=True)  # the paper's script prints metrics, not every image's tags
     return p
 
 
@@ -230,11 +247,25 @@ def _classify_locked(args, shard: sharding.Shard, vocab: _Vocabulary, entries: S
     if args.vis_dir:
         write_pictures(args.vis_dir, ok_entries, [paths[i] for i in ok], vocab.names, ok_scores, lines,
                        args.exif_transpose)
+    if not args.quiet:
+        print_tags(ok_entries, vocab.names, ok_scores, lines)
+    outputs = [f"labels {label_path}"] + [f"{what} {where}" for what, where in
+                                          (("scores", args.scores_out), ("pictures", args.vis_dir)) if where]
+    print(f"tagged {len(ok_entries)} of {len(entries)} image(s) ({len(messages)} skipped): " + ", ".join(outputs))
     if messages:  # the journals stay: a rerun only retries the failed images
         return report_failures(messages)
     if not failures:
         journal.remove()  # outputs are complete; a rerun starts afresh
     return 0
+
+
+def print_tags(entries: Sequence[SplitEntry], names: Sequence[str], scores: torch.Tensor,
+               lines: Sequence[str]) -> None:
+    """``tagclip tag``: each image's tags (the label file's classes), best first, with scores."""
+    rows = scores.detach().cpu().numpy()
+    for entry, line, row in zip(entries, lines, rows):
+        tags = sorted((int(c) for c in line.split()[1:]), key=lambda c: -float(row[c]))
+        print(f"{entry.id}: " + ", ".join(f"{names[c]} {row[c]:.3f}" for c in tags))
 
 
 def write_pictures(vis_dir, entries: Sequence[SplitEntry], paths: Sequence[Path], names: Sequence[str],

@@ -12,6 +12,7 @@ import atexit
 import functools
 import json
 import math
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -238,3 +239,12 @@ def save_torchscript(state: dict, path) -> None:
     with warnings.catch_warnings():  # scripting is deprecated upstream; only used to make fixtures
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.script(module_tree(state)).save(str(path))
+
+
+# A line (or carriage-return segment) that a tqdm progress bar writes: "crf:  25%|██▌  | 2/8 [...]".
+PROGRESS_LINE = re.compile(r"^[\w ().-]+:\s+\d+%\|")
+
+
+def without_progress(text: str) -> list[str]:
+    """The non-blank lines of a command's stderr, its progress bars left out."""
+    return [ln for ln in re.split(r"[\r\n]", text) if ln.strip() and not PROGRESS_LINE.match(ln)]

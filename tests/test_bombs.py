@@ -26,6 +26,7 @@ import zlib
 from pathlib import Path
 
 import eval_helpers as eh
+import helpers
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
@@ -347,7 +348,7 @@ def _hostile_voc_folder(root: Path, bomb_pngs: dict[str, Path], crf: bool) -> tu
 def _check_skipped(proc: subprocess.CompletedProcess, bad: dict) -> None:
     """Exit status 1 and, on stderr, the count and one line per bad file, nothing else."""
     assert proc.returncode == 1, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = helpers.without_progress(proc.stderr)
     assert lines[0] == f"{len(bad)} image(s) failed and were skipped:", proc.stderr
     assert len(lines) == 1 + len(bad), proc.stderr
     for path, texts in bad.items():

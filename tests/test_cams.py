@@ -680,4 +680,31 @@ def test_cocostuff_label_ids_are_171_index(tmp_path, capsys):
     assert generate_cams_main(base + ["--overwrite"]) == 2
     err = capsys.readouterr().err
     _one_error_line(err, "labels.txt")
-    assert "convert a 182-index split file first" in err
+    assert "add --gt_split" in err
+
+
+def test_cocostuff_ground_truth_split_is_read_with_gt_split(tmp_path, capsys):
+    """The 182-index COCO-Stuff split (imageset/cocostuff/val.txt, ``tagclip prepare``) is
+    accepted with --gt_split: 182-index id f becomes 171-class index COCO_STUFF_182_TO_171[f]
+    (here 0 -> 0, 12 -> 11: id 11 is unused, 182 -> 171 shifts by one after it)."""
+    root = tmp_path / "JPEGImages"
+    root.mkdir()
+    _image(root / "x.jpg", (40, 30))
+    split = tmp_path / "val.txt"
+    split.write_text("x 0 12 181\n", encoding="utf-8")
+    base = ["--dataset", "cocostuff", "--img_root", str(root), "--split_file", str(split),
+            "--model", str(helpers.TINY_CHECKPOINT), "--cam_out_dir", str(tmp_path / "cams"),
+            "--model_cache", str(tmp_path / "mc"), "--device", "cpu"]
+    assert generate_cams_main(base) == 2  # 181 is outside the 171 classes
+    assert "add --gt_split" in capsys.readouterr().err
+    assert generate_cams_main(base + ["--gt_split"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[-1] == (f"CAMs of 1 of 1 image(s) in {tmp_path / 'cams'}: 1 written, "
+                                             "0 kept from an earlier run, 0 skipped")
+    assert "cams:" in captured.err   # the progress bar
+    keys, _ = CF.load_cam(tmp_path / "cams" / "x.npy")
+    assert keys.tolist() == [0, 11, 170]
+    split.write_text("x 11\n", encoding="utf-8")  # an unused 182-index id
+    capsys.readouterr()
+    assert generate_cams_main(base + ["--gt_split", "--overwrite"]) == 2
+    assert "not in the label map" in capsys.readouterr().err

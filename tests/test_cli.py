@@ -10,6 +10,7 @@ is repeated as a subprocess to check the process-level contract.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import re
@@ -499,13 +500,94 @@ def test_named_model_with_wrong_checksum_and_no_network(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- 5. demo
 
 
-def test_demo_prints_every_sample_under_both_vocabularies(capsys):
+def test_demo_prints_every_sample_under_both_vocabularies(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TAGCLIP_CACHE", str(tmp_path / "cache"))  # text features computed, not cached
     samples = [name for _, name in iter_image_files(SAMPLES)]
     assert len(samples) == 4, samples  # astronaut, cat, coffee, rocket
     rc, out, err = run_in_process(main, ["demo", "--model_path", TINY, "--device", "cpu"], capsys)
     assert rc == 0, err
     voc_at, coco_at = out.find("voc2007 vocabulary"), out.find("coco2014 vocabulary")
     assert 0 <= voc_at < coco_at, out
-    for section in (out[voc_at:coco_at], out[coco_at:]):
+    *body, summary = out.splitlines()
+    assert summary == f"tagged 4 image(s) from {SAMPLES} with the voc2007 and coco2014 vocabularies on cpu"
+    body = "\n".join(body)
+    for section in (body[voc_at:coco_at], body[coco_at:]):
         listed = [ln.split()[0] for ln in section.splitlines()[1:] if ln.strip()]
         assert listed == samples, section
+    assert "text (" in err   # progress while the vocabularies' text features are computed
+
+
+def _all_parsers():
+    from clip_es.cli import generate_cams_parser
+    from clip_es.eval_cli import eval_cam_parser, eval_crf_parser
+    from pipelines import command, datasets
+    from tagclip.cli import classify_parser
+
+    top = command.parser()
+    subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return {"classify.py": classify_parser(), "generate_cams.py": generate_cams_parser(),
+            "eval_cam.py": eval_cam_parser(), "eval_cam_with_crf.py": eval_crf_parser(),
+            "tagclip tag": subs["tag"], "tagclip segment": subs["segment"], "tagclip demo": subs["demo"],
+            "tagclip prepare": datasets.build_parser()}
+
+
+def test_every_help_shows_every_default():
+    """--help of every command: each option that takes a value says its default."""
+    for name, parser in _all_parsers().items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.option_strings and action.nargs != 0 and action.default is not argparse.SUPPRESS \
+                    and not action.required:
+                text = formatter._expand_help(action) if action.help else ""
+                assert "default" in text, (name, action.option_strings, text)
+
+
+def test_one_spelling_per_concept_with_the_papers_as_aliases():
+    parsers = _all_parsers()
+    for name in ("classify.py", "generate_cams.py", "eval_cam.py", "eval_cam_with_crf.py"):
+        assert "--img_root" in parsers[name]._option_string_actions, name
+    for name in ("classify.py", "generate_cams.py", "tagclip tag", "tagclip segment", "tagclip demo"):
+        assert "--model_path" in parsers[name]._option_string_actions, name
+    for name in ("classify.py", "tagclip tag"):
+        assert "--output_dir" in parsers[name]._option_string_actions, name
+    # the authors' spellings still work
+    assert parsers["generate_cams.py"]._option_string_actions["--model"].dest == "model_path"
+    assert parsers["eval_cam_with_crf.py"]._option_string_actions["--image_root"].dest == "image_root"
+    # a command without split files does not speak of them
+    assert "split" not in parsers["tagclip tag"].format_help().replace("--split", "")
+
+
+def test_classes_that_look_like_a_missing_file_are_an_error(tmp_path, capsys):
+    pics = _tag_folder(tmp_path)
+    for value in ("my_classes.txt", "lists/classes", "CLASSES.TXT"):
+        rc, out, err = run_in_process(main, ["tag", pics, "--classes", value, "--model_path", TINY, "--device",
+                                             "cpu", "--output_dir", tmp_path / "out"], capsys)
+        assert rc == 2, (value, err)
+        assert last_line(err) == f"error: {value}: no such word list file (a value with a '/' or a .txt suffix " \
+                                 "is read as a file; give class names as a comma list, e.g. 'cat,dog')"
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "my_classes.txt").write_text("cat\ndog\n", encoding="utf-8")
+    rc, out, err = run_in_process(main, ["tag", pics, "--classes", tmp_path / "my_classes.txt", "--model_path",
+                                         TINY, "--device", "cpu", "--output_dir", tmp_path / "out"], capsys)
+    assert rc == 0, err
+
+
+def test_tag_prints_each_images_tags_best_first_and_a_summary(tmp_path, capsys):
+    pics = _tag_folder(tmp_path)
+    argv = ["tag", pics, "--classes", "cat,dog,sofa", "--model_path", TINY, "--device", "cpu",
+            "--output_dir", tmp_path / "out", "--scores_out", tmp_path / "s.csv"]
+    rc, out, err = run_in_process(main, argv, capsys)
+    assert rc == 0, err
+    header, ids, scores = read_csv(tmp_path / "s.csv")
+    labels = {line.split()[0]: [int(c) for c in line.split()[1:]]
+              for line in (tmp_path / "out" / CUSTOM_LABEL_FILE).read_text().splitlines()}
+    for image_id, row in zip(ids, scores):
+        tags = sorted(labels[image_id], key=lambda c: -row[c])
+        expected = f"{image_id}: " + ", ".join(f"{header[1 + c]} {row[c]:.3f}" for c in tags)
+        assert expected in out.splitlines(), (expected, out)
+    assert out.splitlines()[-1] == (f"tagged 2 of 2 image(s) (0 skipped): labels {tmp_path / 'out' / CUSTOM_LABEL_FILE}"
+                                    f", scores {tmp_path / 's.csv'}")
+    assert "classify:" in err and "text (" in err   # progress bars on stderr
+    rc, quiet, err = run_in_process(main, argv + ["--quiet"], capsys)
+    assert rc == 0 and not any(line.startswith(("a: ", "b: ")) for line in quiet.splitlines())
+    assert "resuming" not in err   # a finished run leaves no journal behind

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import eval_helpers as eh
+import helpers
 import numpy as np
 import pytest
 from PIL import Image
@@ -58,7 +59,7 @@ def _check_masks(mask_dir: Path, variant: str, kind: str):
 
 
 def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = helpers.without_progress(err)
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
@@ -71,9 +72,14 @@ def test_eval_cam_cli_parity_and_masks(variant, cam_dirs, tmp_path, capsys):
     masks, scores = tmp_path / "masks", tmp_path / "out" / "scores.json"
     rc = eval_cam_main(_cam_args(variant, cam_dirs[variant], "--cam_type", "attn_highres",
                                  "--pseudo_mask_save_path", str(masks), "--save_scores", str(scores)))
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert rc == 0
     assert f"{len(eh.variant_ids(variant))} images to eval" in out
+    miou = json.loads(scores.read_text())["Mean IoU"]
+    assert out.splitlines()[-1] == (f"evaluated {len(eh.variant_ids(variant))} image(s) (0 skipped): mIoU {miou:.4f}; "
+                                    f"pseudo masks {masks}, scores {scores}")
+    assert "eval:" in captured.err   # the progress bar
     assert ("thres:1, mIoU:" in out) == config.has_background
     assert config.class_names[1] in out and config.class_names[-1] in out
     got = json.loads(scores.read_text())
@@ -102,8 +108,12 @@ def test_crf_pseudo_masks(cam_dirs, tmp_path, capsys):
     masks = tmp_path / "deep" / "masks"
     rc = eval_crf_main(_crf_args("coco2017", cam_dirs["coco2017"], "--pseudo_mask_save_path", str(masks),
                                  "--jobs", "1", gt=False))
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert rc == 0 and "Mean IoU" not in out  # no GT given: masks only
+    n = len(eh.variant_ids("coco2017"))
+    assert out.splitlines()[-1] == f"processed {n} image(s) (0 skipped); pseudo masks {masks}"
+    assert "crf:" in captured.err   # the progress bar
     _check_masks(masks, "coco2017", "crf")
     # with GT as well: masks and scores
     masks2 = tmp_path / "masks2"

@@ -151,3 +151,61 @@ def test_sigkill_of_the_crf_run_ends_its_pool_workers(tmp_path):
     while time.monotonic() < deadline and any(_running(w) for w in workers):
         time.sleep(0.05)
     assert not [w for w in workers if _running(w)]
+
+
+def _crf_run(tmp_path, copies: int = 12):
+    """eval_cam_with_crf.py --jobs 2 on enough images to outlast the start of the pool."""
+    import shutil
+
+    import eval_helpers as eh
+
+    cams = eh.write_cam_dir("voc2012", tmp_path / "cams0")
+    voc = eh.folder("voc2012")
+    for kind in ("cams", "img", "gt"):
+        (tmp_path / kind).mkdir()
+    ids = []
+    for copy in range(copies):
+        for image_id in eh.variant_ids("voc2012"):
+            new = f"{image_id}_{copy}"
+            shutil.copy(cams / f"{image_id}.npy", tmp_path / "cams" / f"{new}.npy")
+            shutil.copy(voc / "JPEGImages" / f"{image_id}.jpg", tmp_path / "img" / f"{new}.jpg")
+            shutil.copy(voc / "SegmentationClass" / f"{image_id}.png", tmp_path / "gt" / f"{new}.png")
+            ids.append(new)
+    (tmp_path / "split.txt").write_text("".join(f"{i}\n" for i in ids))
+    command = [sys.executable, str(ROOT / "eval_cam_with_crf.py"), "--dataset", "voc2012",
+               "--cam_out_dir", str(tmp_path / "cams"), "--gt_root", str(tmp_path / "gt"),
+               "--image_root", str(tmp_path / "img"), "--split_file", str(tmp_path / "split.txt"),
+               "--pseudo_mask_save_path", str(tmp_path / "masks"), "--jobs", "2"]
+    return command, ids
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_the_crf_main_process_alone_stops_the_run_cleanly(tmp_path, sig, status):
+    """``kill -INT`` (or ``kill -TERM``) sent to eval_cam_with_crf.py's main process only, not
+    its process group: the run stops within seconds with one ``interrupted:`` line naming the
+    journal, its pool workers end, and the same command then finishes the rest."""
+    command, ids = _crf_run(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def journaled() -> int:  # records beyond the journal's header line
+        return sum(max(0, len(p.read_text().splitlines()) - 1) for p in (tmp_path / "masks").glob(".*.journal"))
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (len(_children(proc.pid)) >= 2 and journaled() >= 2):
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2 and proc.poll() is None, "the pool must be working when the signal comes"
+    os.kill(proc.pid, sig)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 30
+    assert proc.returncode == status, err
+    last = _last_line(err)
+    assert last.startswith("interrupted: ") and "journal" in last and "resumes" in last, last
+    assert not [w for w in workers if _running(w)]
+    done = len(list((tmp_path / "masks").glob("*.png")))
+    assert 0 < done < len(ids)
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming:" in rerun.stdout
+    assert len(list((tmp_path / "masks").glob("*.png"))) == len(ids)

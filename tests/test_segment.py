@@ -31,6 +31,10 @@ def test_segment_folder(folder, tmp_path, extra):
                  "--model_path", str(TINY), "--device", "cpu", "--out", str(out), *extra]) == 0
     legend = json.loads((out / "classes.json").read_text())
     assert legend["labels"] == {"0": "background", "1": "cat", "2": "dog", "3": "sofa"}
+    # both index bases: label and score files count from 0, mask values from 1 (0: background)
+    assert legend["class_index"] == {"cat": 0, "dog": 1, "sofa": 2}
+    assert legend["mask_value"] == {"cat": 1, "dog": 2, "sofa": 3}
+    assert legend["ignore_value"] == 255 and legend["crf"] == ("--crf" in extra)
     assert sorted(legend["tags"]) == sorted(SIZES)
     for name, (w, h) in SIZES.items():
         tagged = [["cat", "dog", "sofa"].index(t) for t in legend["tags"][name]]

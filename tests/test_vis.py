@@ -66,7 +66,21 @@ def test_draw_tags_from_a_file_and_many_tags(tmp_path):
     lines = vis.draw_tags(path, [(f"class{i}", i / 100) for i in range(30)], tmp_path / "t.png", max_lines=5)
     assert len(lines) == 5 and lines[-1] == "... +26 more"
     with Image.open(path) as img:
-        assert _size(tmp_path / "t.png") == img.size
+        w, h = _size(tmp_path / "t.png")
+        assert w >= img.size[0] and h >= img.size[1]
+
+
+def test_draw_tags_beside_a_small_image(tmp_path):
+    """Tags that do not fit on a small image go on a black panel to its right: the image is
+    kept untouched and no tag is cut off."""
+    base = np.full((30, 40, 3), 200, dtype=np.uint8)
+    lines = vis.draw_tags(Image.fromarray(base), [("potted plant", 0.61), ("dog", 0.93)], tmp_path / "s.png")
+    assert lines == ["dog  0.930", "potted plant  0.610"]
+    w, h = _size(tmp_path / "s.png")
+    assert w > 40 and h >= 30
+    px = _rgb(tmp_path / "s.png")
+    np.testing.assert_array_equal(px[:30, :40], 200)       # the image itself, untouched
+    assert (px[:, 40:] > 200).any()                        # white text on the panel
 
 
 # ----------------------------------------------------------------------------- cam_overlays
@@ -82,15 +96,19 @@ def test_cam_overlays_follow_the_map(tmp_path):
                              tmp_path, "img1")
     assert [p.name for p in files] == ["img1_potted_plant.png", "img1_aeroplane.png"]
     px = _rgb(files[0])
-    assert _size(files[0]) == (60, 40)
-    high, low = px[20, 5], px[20, 55]
+    top = vis.CAPTION_H
+    assert _size(files[0]) == (60, top + 40 + vis.COLOUR_BAR_H)   # caption band, picture, colour bar
+    assert (px[:top] < 100).all(axis=-1).any()                     # the caption's (dark) text
+    bar = px[top + 40 + vis.COLOUR_BAR_H // 2]                     # the colour bar: jet from 0 to 1
+    assert bar[-1, 0] > bar[-1, 2] + 40 and bar[0, 2] > bar[0, 0] + 40
+    high, low = px[top + 20, 5], px[top + 20, 55]
     assert high[0] > high[2] + 40   # jet at 1: red
     assert low[2] > low[0] + 40     # jet at 0: blue
     assert np.abs(high - low).sum() > 100
     resized = vis.cam_overlays(image, [0], small[None], names, tmp_path / "r", "img2")[0]
     px = _rgb(resized)
-    assert _size(resized) == (60, 40)
-    assert px[20, 55, 0] > px[20, 55, 2] and px[20, 5, 2] > px[20, 5, 0]
+    assert _size(resized) == (60, top + 40 + vis.COLOUR_BAR_H)
+    assert px[top + 20, 55, 0] > px[top + 20, 55, 2] and px[top + 20, 5, 2] > px[top + 20, 5, 0]
     _no_temp_files(tmp_path)
 
 
@@ -124,6 +142,7 @@ def test_mask_comparison_panels_legend_and_colours(tmp_path):
     px = _rgb(out).reshape(-1, 3)
     for label in (8, 15, 255):   # every legend colour is in the picture (masks and legend patches)
         assert (px == palette[label]).all(axis=1).sum() > 50, label
+    assert (px == vis.OUTLINE_RGB).all(axis=1).sum() > 50   # region borders, white
     # the panels are side by side: the picture is wider than three masks and taller than one
     w, h = meta["size"]
     assert w >= 3 * 80 and h > 60
@@ -185,7 +204,8 @@ def test_classify_and_generate_cams_vis_dir(tmp_path, capsys):
         sorted([f"{i}.png" for i, _ in ids] + ["ap_per_class.png"])
     for image_id, _ in ids:
         with Image.open(VOC / "JPEGImages" / f"{image_id}.jpg") as img:
-            assert _size(tmp_path / "cls" / f"{image_id}.png") == img.size
+            w, h = _size(tmp_path / "cls" / f"{image_id}.png")
+            assert w >= img.size[0] and h >= img.size[1]   # the image, its tags on it or beside it
     assert _size(tmp_path / "cls" / "ap_per_class.png")[0] == 800
 
     assert generate_cams_main(["--dataset", "voc2012", "--img_root", str(VOC / "JPEGImages"),
@@ -196,7 +216,9 @@ def test_classify_and_generate_cams_vis_dir(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "camvis").iterdir()) == expected
     for image_id, labels in ids:
         with Image.open(VOC / "JPEGImages" / f"{image_id}.jpg") as img:
-            assert _size(tmp_path / "camvis" / f"{image_id}_{names[labels[0]]}.png") == img.size
+            w, h = img.size   # the image under its caption band, above its colour bar
+            assert _size(tmp_path / "camvis" / f"{image_id}_{names[labels[0]]}.png") == \
+                (w, vis.CAPTION_H + h + vis.COLOUR_BAR_H)
     # a rerun keeps the CAM files and still draws the pictures
     (tmp_path / "camvis2").mkdir()
     assert generate_cams_main(["--dataset", "voc2012", "--img_root", str(VOC / "JPEGImages"),
@@ -221,7 +243,10 @@ def test_eval_cam_vis_dir_same_numbers(voc_cams, tmp_path, capsys):
     assert eval_cam_main(argv + ["--save_scores", str(tmp_path / "vis.json"), "--vis_dir", str(tmp_path / "v"),
                                  "--image_root", str(VOC / "JPEGImages")]) == 0
     drawn = capsys.readouterr().out
-    assert drawn.replace(f">>>pictures written to {tmp_path / 'v'}\n", "") == plain
+    *drawn_lines, drawn_summary = drawn.replace(f">>>pictures written to {tmp_path / 'v'}\n", "").splitlines()
+    *plain_lines, plain_summary = plain.splitlines()
+    assert drawn_lines == plain_lines   # the same numbers; the summary lines name their outputs
+    assert f"pictures {tmp_path / 'v'}" in drawn_summary and "pictures" not in plain_summary
     assert (tmp_path / "plain.json").read_text() == (tmp_path / "vis.json").read_text()
     ids = eh.variant_ids("voc2012")
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == sorted([f"{i}.png" for i in ids] + ["iou_per_class.png"])
@@ -249,3 +274,27 @@ def test_eval_crf_vis_dir(voc_cams, tmp_path, capsys):
     for image_id in ids:
         assert _size(tmp_path / "v" / f"{image_id}.png")[1] > 100
     _no_temp_files(tmp_path)
+
+
+def test_region_borders_by_hand():
+    labels = np.array([[0, 0, 1],
+                       [0, 2, 1],
+                       [0, 2, 2]])
+    # a pixel is a border when its right or lower neighbour differs
+    np.testing.assert_array_equal(vis.region_borders(labels), [[False, True, False],
+                                                               [True, True, True],
+                                                               [True, False, False]])
+
+
+def test_bar_chart_marks_classes_left_out_of_the_mean(tmp_path):
+    meta = vis.bar_chart(["background", "cat", "dog"], [0.9, float("nan"), 0.0], "IoU", tmp_path / "b.png",
+                         counted=[True, False, False])
+    assert meta["labels"] == ["background", "cat (not in GT)", "dog (not in GT)"]
+    assert meta["missing"] == ["cat"]
+    colours = {tuple(c) for c in _rgb(tmp_path / "b.png").reshape(-1, 3)}
+    absent = tuple(int(vis.ABSENT_COLOUR[i:i + 2], 16) for i in (1, 3, 5))
+    assert absent not in colours   # dog's bar has length 0: nothing drawn in its colour
+    meta = vis.bar_chart(["a", "b"], [0.5, 0.25], "IoU", tmp_path / "c.png", counted=[True, False])
+    assert meta["labels"] == ["a", "b (not in GT)"]
+    colours = {tuple(c) for c in _rgb(tmp_path / "c.png").reshape(-1, 3)}
+    assert absent in colours

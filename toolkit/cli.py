@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 import traceback
 from typing import Callable, Sequence
 
@@ -22,6 +24,7 @@ from .errors import (
     EXIT_INTERNAL_ERROR,
     EXIT_INTERRUPTED,
     EXIT_SKIPPED_IMAGES,
+    EXIT_TERMINATED,
     InputError,
     Interrupted,
 )
@@ -34,6 +37,21 @@ DEFAULT_MODEL = "ViT-B/16"
 MIN_MAX_SIDE = 16
 ON_ERROR_CHOICES = ("stop", "skip")
 ALLOW_CODE_FLAG = "--allow_checkpoint_code"
+
+
+# ----------------------------------------------------------------------------- help
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every command's ``--help``: each option that takes a value shows its default (``none``
+    where there is none) unless its help text already speaks of it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.nargs == 0 or action.required \
+                or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return text + (" (default: none)" if action.default is None else " (default: %(default)s)")
 
 
 # ----------------------------------------------------------------------------- value types
@@ -134,8 +152,18 @@ def report_failures(failures: Sequence) -> int:
 def guarded(run: Callable, args) -> int:
     """Run a command. Bad input (:class:`InputError`: unreadable or malformed files, bad
     arguments, checkpoint and device problems) becomes one ``error:`` line and exit status 2.
-    Ctrl-C becomes one ``interrupted:`` line saying what was kept for resuming, status 130.
-    Anything else is a bug: its traceback, one line saying so, and EXIT_INTERNAL_ERROR."""
+    Ctrl-C (SIGINT) becomes one ``interrupted:`` line saying what was kept for resuming, status
+    130; SIGTERM stops the run the same way (the stages' clean-up runs: pools end, journals
+    stay), status 143. Anything else is a bug: its traceback, one line saying so, and
+    EXIT_INTERNAL_ERROR."""
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         return run(args)
     except InputError as err:
@@ -144,9 +172,12 @@ def guarded(run: Callable, args) -> int:
     except KeyboardInterrupt as stop:
         kept = stop.kept if isinstance(stop, Interrupted) else "nothing of this run is kept"
         print(f"\ninterrupted: {kept}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except Exception:  # noqa: BLE001 - reported in full, never disguised as bad input
         traceback.print_exc()
         print(f"internal error: the traceback above is a bug in the toolkit, not a problem with your input; "
               f"please report it (exit status {EXIT_INTERNAL_ERROR})", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -13,6 +13,7 @@ from typing import Optional
 EXIT_SKIPPED_IMAGES = 1   # the run finished, but some images failed and were skipped (--on_error skip)
 EXIT_INPUT_ERROR = 2      # bad input or arguments stopped the run (one "error:" line)
 EXIT_INTERRUPTED = 130    # Ctrl-C (128 + SIGINT, as shells report it)
+EXIT_TERMINATED = 143     # SIGTERM (128 + SIGTERM): stopped as cleanly as by Ctrl-C
 EXIT_INTERNAL_ERROR = 70  # a bug (traceback shown); sysexits.h's EX_SOFTWARE
 
 # A foreign exception's text is cut to this many characters in a message.
@@ -71,4 +72,4 @@ def short_reason(exc: BaseException, path: Optional[str] = None) -> str:
 
 
 __all__ = ["InputError", "Interrupted", "printable", "shown_path", "short_reason", "EXIT_SKIPPED_IMAGES",
-           "EXIT_INPUT_ERROR", "EXIT_INTERRUPTED", "EXIT_INTERNAL_ERROR"]
+           "EXIT_INPUT_ERROR", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "EXIT_INTERNAL_ERROR"]

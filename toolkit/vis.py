@@ -35,6 +35,12 @@ BAR_WIDTH_IN = 8.0          # bar_chart: figure width (inches at DPI)
 BAR_ROW_IN = 0.22           # bar_chart: height per class
 BAR_EXTRA_IN = 1.3          # bar_chart: title and axis
 MISSING_COLOUR = "#b0b0b0"
+ABSENT_COLOUR = "#c9a227"   # bar_chart: classes without GT pixels (not in the mIoU)
+ABSENT_SUFFIX = " (not in GT)"
+MIN_TAG_FONT, MAX_TAG_FONT = 10, 40   # draw_tags: text size in pixels
+OUTLINE_RGB = (255, 255, 255)         # mask_comparison: region borders (no palette entry is white)
+CAPTION_H = 22                        # cam_overlays: the class-name band above the picture, in pixels
+COLOUR_BAR_H = 12                     # cam_overlays: the 0..1 colour bar below the picture
 IGNORE_NAME = "ignore"
 
 
@@ -91,7 +97,8 @@ def _font(size: int):
 
 def draw_tags(image: ImageLike, tags: Sequence[tuple[str, float]], out_path,
               max_lines: int = 12, exif_transpose: bool = False) -> list[str]:
-    """Write ``image`` (own size) as PNG with a semi-transparent box listing ``tags``.
+    """Write ``image`` (own size) as PNG with a semi-transparent box listing ``tags``; when the
+    box does not fit on the image it is drawn on a black panel to the right of it instead.
 
     ``tags`` are ``(name, score)`` pairs; they are listed best first. Returns the text
     lines drawn (at most ``max_lines``; the last one says how many were left out).
@@ -99,6 +106,8 @@ def draw_tags(image: ImageLike, tags: Sequence[tuple[str, float]], out_path,
     """
     base = load_rgb(image, exif_transpose).convert("RGBA")
     width, height = base.size
+    # Text size follows the image, but never below what stays legible; when the list does not
+    # fit on the image (small images, many tags) it goes on a panel beside the image.
     ordered = sorted(tags, key=lambda t: (-_sort_key(t[1]), str(t[0])))
     lines = [f"{name}  {score:.3f}" if _finite(score) else f"{name}  n/a" for name, score in ordered]
     if not lines:
@@ -106,21 +115,26 @@ def draw_tags(image: ImageLike, tags: Sequence[tuple[str, float]], out_path,
     if len(lines) > max_lines:
         rest = len(lines) - (max_lines - 1)
         lines = lines[:max_lines - 1] + [f"... +{rest} more"]
-    size = max(10, min(40, round(min(width, height) / 22)))
+    size = max(MIN_TAG_FONT, min(MAX_TAG_FONT, round(min(width, height) / 22)))
     font = _font(size)
     probe = ImageDraw.Draw(base)
     pad = max(2, size // 3)
     boxes = [probe.textbbox((0, 0), line, font=font) for line in lines]
     line_h = max(b[3] - b[1] for b in boxes) + max(1, size // 5)
     text_w = max(b[2] - b[0] for b in boxes)
-    box_w = min(width, text_w + 2 * pad)
-    box_h = min(height, line_h * len(lines) + 2 * pad)
-    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    box_w = text_w + 2 * pad
+    box_h = line_h * len(lines) + 2 * pad
+    beside = box_w > width or box_h > height
+    canvas = Image.new("RGBA", (width + box_w, max(height, box_h)), (0, 0, 0, 255)) if beside else base
+    if beside:
+        canvas.paste(base, (0, 0))
+    x0 = width if beside else 0
+    layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    draw.rectangle([0, 0, box_w - 1, box_h - 1], fill=(0, 0, 0, 150))
+    draw.rectangle([x0, 0, x0 + box_w - 1, box_h - 1], fill=(0, 0, 0, 255 if beside else 150))
     for i, (line, box) in enumerate(zip(lines, boxes)):
-        draw.text((pad - box[0], pad + i * line_h - box[1]), line, font=font, fill=(255, 255, 255, 255))
-    out = Image.alpha_composite(base, layer).convert("RGB")
+        draw.text((x0 + pad - box[0], pad + i * line_h - box[1]), line, font=font, fill=(255, 255, 255, 255))
+    out = Image.alpha_composite(canvas, layer).convert("RGB")
     _save_image(out, out_path)
     return lines
 
@@ -152,7 +166,8 @@ def heatmap_rgb(cam: np.ndarray) -> np.ndarray:
 
 def cam_overlays(image: ImageLike, keys: Sequence[int], maps: np.ndarray, class_names: Sequence[str],
                  out_dir, image_id: str) -> list[Path]:
-    """One ``{out_dir}/{image_id}_{classname}.png`` per CAM: jet heat map blended 50/50 with the image.
+    """One ``{out_dir}/{image_id}_{classname}.png`` per CAM: jet heat map blended 50/50 with the
+    image, under a caption ``{image_id}: {classname}`` and above a 0..1 colour bar.
 
     ``maps`` is K x H x W (float); a map of another size than the image is resized
     (bilinear) to it. Returns the files written, in ``keys`` order.
@@ -171,10 +186,27 @@ def cam_overlays(image: ImageLike, keys: Sequence[int], maps: np.ndarray, class_
             cam = np.asarray(Image.fromarray(cam, mode="F").resize((width, height), Image.BILINEAR))
         heat = heatmap_rgb(cam).astype(np.float32)
         blend = (1.0 - CAM_ALPHA) * pixels + CAM_ALPHA * heat
-        out = Image.fromarray(np.clip(blend + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+        picture = Image.fromarray(np.clip(blend + 0.5, 0, 255).astype(np.uint8), mode="RGB")
         name = class_names[int(key)] if 0 <= int(key) < len(class_names) else str(int(key))
-        written.append(_save_image(out, out_dir / f"{image_id}_{safe_name(name)}.png"))
+        target = out_dir / f"{image_id}_{safe_name(name)}.png"
+        written.append(_save_image(_captioned(picture, f"{image_id}: {name}"), target))
     return written
+
+
+def _captioned(picture: Image.Image, caption: str) -> Image.Image:
+    """``picture`` under a white band with ``caption`` and above a jet colour bar from 0 (left)
+    to 1 (right), the scale of the CAM."""
+    width, height = picture.size
+    out = Image.new("RGB", (width, CAPTION_H + height + COLOUR_BAR_H), (255, 255, 255))
+    out.paste(picture, (0, CAPTION_H))
+    ramp = np.linspace(0.0, 1.0, width, dtype=np.float32)[None].repeat(COLOUR_BAR_H, axis=0)
+    out.paste(Image.fromarray(heatmap_rgb(ramp), mode="RGB"), (0, CAPTION_H + height))
+    draw = ImageDraw.Draw(out)
+    font = _font(CAPTION_H - 8)
+    draw.text((4, 3), caption, font=font, fill=(0, 0, 0))
+    draw.text((2, CAPTION_H + height), "0", font=_font(COLOUR_BAR_H - 2), fill=(255, 255, 255))
+    draw.text((max(0, width - 10), CAPTION_H + height), "1", font=_font(COLOUR_BAR_H - 2), fill=(255, 255, 255))
+    return out
 
 
 # ----------------------------------------------------------------------------- mask comparison
@@ -188,13 +220,32 @@ def _colour_labels(labels: np.ndarray, palette: np.ndarray) -> Image.Image:
     return Image.fromarray(palette[np.asarray(labels, dtype=np.uint8)], mode="RGB")
 
 
+def region_borders(labels: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels whose right or lower neighbour has another label."""
+    labels = np.asarray(labels)
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    return edge
+
+
+def _outlined(labels: np.ndarray, palette: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """The coloured label map at ``size`` with its regions' borders in white, so that dark
+    palette colours stay apart from the black background."""
+    panel = np.array(_colour_labels(labels, palette).resize(size, Image.NEAREST))
+    small = np.asarray(Image.fromarray(np.asarray(labels, dtype=np.uint8)).resize(size, Image.NEAREST))
+    panel[region_borders(small)] = OUTLINE_RGB
+    return Image.fromarray(panel, mode="RGB")
+
+
 def mask_comparison(image: Optional[ImageLike], pred: np.ndarray, gt: Optional[np.ndarray],
                     class_names: Sequence[str], out_path, title: Optional[str] = None) -> dict:
     """image | prediction | ground truth side by side (VOC palette), legend of the classes present.
 
     ``image`` or ``gt`` may be None (that panel is left out). Label 255 is shown in the
-    palette's colour 255 as "ignore". Returns ``{"size": (W, H), "panels": [...],
-    "legend": [(label, name, (r, g, b)), ...]}`` with the picture's size in pixels.
+    palette's colour 255 as "ignore". Region borders are drawn white in the mask panels.
+    Returns ``{"size": (W, H), "panels": [...], "legend": [(label, name, (r, g, b)), ...]}``
+    with the picture's size in pixels.
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -211,13 +262,13 @@ def mask_comparison(image: Optional[ImageLike], pred: np.ndarray, gt: Optional[n
         if img.size != (width, height):
             raise ValueError(f"image size {img.size} differs from the mask's {(width, height)}")
         panels.append(("image", img.resize((pw, ph), Image.BILINEAR) if (pw, ph) != img.size else img))
-    panels.append(("prediction", _colour_labels(pred, palette).resize((pw, ph), Image.NEAREST)))
+    panels.append(("prediction", _outlined(pred, palette, (pw, ph))))
     present = set(np.unique(pred).tolist())
     if gt is not None:
         gt = np.asarray(gt)
         if gt.shape != pred.shape:
             raise ValueError(f"GT shape {gt.shape} differs from the prediction's {pred.shape}")
-        panels.append(("ground truth", _colour_labels(gt, palette).resize((pw, ph), Image.NEAREST)))
+        panels.append(("ground truth", _outlined(gt, palette, (pw, ph))))
         present |= set(np.unique(gt).tolist())
     legend = []
     for label in sorted(present):
@@ -257,11 +308,14 @@ def mask_comparison(image: Optional[ImageLike], pred: np.ndarray, gt: Optional[n
 # ----------------------------------------------------------------------------- bar chart
 
 def bar_chart(names: Sequence[str], values: Sequence[float], title: str, out_path,
-              xlabel: str = "") -> dict:
+              xlabel: str = "", counted: Optional[Sequence[bool]] = None) -> dict:
     """Horizontal bars, one per class in the given order (top to bottom); NaN as a grey 'n/a'.
 
-    The figure is 800 px wide and grows by 22 px per class, so 171 classes stay readable.
-    Returns ``{"size": (W, H), "missing": [names with NaN]}``.
+    ``counted`` (per class, optional): False marks a class the quoted mean leaves out (for the
+    mIoU, a class without GT pixels): its bar is drawn in another colour and its name gets
+    ``" (not in GT)"``. The figure is 800 px wide and grows by 22 px per class, so 171 classes
+    stay readable. Returns ``{"size": (W, H), "missing": [names with NaN], "labels": [the
+    names as drawn]}``.
     """
     from matplotlib.figure import Figure
 
@@ -269,6 +323,10 @@ def bar_chart(names: Sequence[str], values: Sequence[float], title: str, out_pat
     vals = np.asarray([float(v) if _finite(v) else math.nan for v in values], dtype=np.float64)
     if len(names) != len(vals):
         raise ValueError(f"{len(names)} names but {len(vals)} values")
+    absent = np.zeros(len(names), dtype=bool) if counted is None else ~np.asarray(counted, dtype=bool)
+    if absent.shape != (len(names),):
+        raise ValueError(f"{len(names)} names but {absent.size} 'counted' flags")
+    labels = [nm + ABSENT_SUFFIX if a else nm for nm, a in zip(names, absent)]
     n = len(names)
     width_px = round(BAR_WIDTH_IN * DPI)
     height_px = round((BAR_EXTRA_IN + BAR_ROW_IN * max(n, 3)) * DPI)
@@ -281,13 +339,14 @@ def bar_chart(names: Sequence[str], values: Sequence[float], title: str, out_pat
     shown = np.where(missing, 0.0, vals)
     y = np.arange(n)
     top = max(1.0, float(np.nanmax(vals)) if (~missing).any() else 1.0)
-    ax.barh(y, shown, height=0.7, color=np.where(missing, MISSING_COLOUR, "#3b75af").tolist())
+    colours = np.where(missing, MISSING_COLOUR, np.where(absent, ABSENT_COLOUR, "#3b75af"))
+    ax.barh(y, shown, height=0.7, color=colours.tolist())
     for i in range(n):
         if missing[i]:
             ax.text(0.005 * top, i, "n/a", va="center", ha="left", fontsize=7, color="#707070")
         else:
             ax.text(shown[i] + 0.005 * top, i, f"{shown[i]:.3f}", va="center", ha="left", fontsize=7)
-    ax.set_yticks(y, names, fontsize=8 if n <= 40 else 7)
+    ax.set_yticks(y, labels, fontsize=8 if n <= 40 else 7)
     for tick, miss in zip(ax.get_yticklabels(), missing):
         if miss:
             tick.set_color("#909090")
@@ -301,7 +360,7 @@ def bar_chart(names: Sequence[str], values: Sequence[float], title: str, out_pat
         ax.tick_params(axis="x", labeltop=True, top=True)
     ax.set_axisbelow(True)
     _save_figure(fig, out_path)
-    return {"size": (width_px, height_px), "missing": [nm for nm, m in zip(names, missing) if m]}
+    return {"size": (width_px, height_px), "missing": [nm for nm, m in zip(names, missing) if m], "labels": labels}
 
 
 __all__ = ["draw_tags", "cam_overlays", "mask_comparison", "bar_chart", "heatmap_rgb", "load_rgb", "safe_name"]
