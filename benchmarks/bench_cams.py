@@ -103,7 +103,7 @@ def main() -> None:
     device = torch.device(args.device)
     precision = args.precision
     print(f"precision {precision}")
-    model = clip.load(str(ckpt), device=device, cache_dir=work / "model_cache",
+    model = clip.load_clip(str(ckpt), device=device, cache_dir=work / "model_cache",
                       dtype=clip.precision_dtype(precision))
     cfg = get_cam_config(DATASET)
     labels = label_lists(args.n, len(cfg.class_names), args.seed, args.reference_label_counts)

@@ -127,7 +127,7 @@ def main() -> None:
         child_rss = peak_rss_mb(resource.RUSAGE_CHILDREN)
 
     device = torch.device(args.device)
-    model = clip.load(str(ckpt), device=device, dtype=clip.precision_dtype(args.precision))
+    model = clip.load_clip(str(ckpt), device=device, dtype=clip.precision_dtype(args.precision))
     cfg = get_dataset(DATASET)
     names = list(cfg.class_names) + list(cfg.background)
     t0 = time.perf_counter()
@@ -203,7 +203,7 @@ def main() -> None:
               f"{plain:.3f} s/image -> speed-up {plain / per_image:.2f}x (best of {args.rounds}, alternated)")
     print(f"scores, batch {args.batch_size} vs plain batch 1: max abs diff {float((batched - single).abs().max()):.2e}")
     if args.precision != "fp32":  # issue 5: every score within 1e-2 of float32
-        ref_model = clip.load(str(ckpt), device=device)
+        ref_model = clip.load_clip(str(ckpt), device=device)
         ref = Tagger.for_dataset(ref_model, DATASET, batch_size=args.batch_size,
                                  text_cache_dir=work / "text_cache").scores(images)
         drift = (batched - ref).abs()

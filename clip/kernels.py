@@ -141,7 +141,8 @@ class AttentionSchedule(NamedTuple):
     BLAS may round a batched product apart from single ones (tests allow 1e-6 there). A CPU
     is fastest with one image and one head at a time, where one score block stays in cache
     (ViT-B/16 at 769 tokens: as fast on plain blocks, half the time on the main pass's
-    self-only block, whose softmax is nearly all tiny values); a GPU with everything at once. :meth:`for_device` is that rule; pass another schedule to override it.
+    self-only block, whose softmax is nearly all tiny values); a GPU with everything at once.
+    :meth:`for_device` is that rule; pass another schedule to override it.
     """
     images: Optional[int] = None  # images per step; None: the whole batch
     heads: Optional[int] = None   # heads per step; None: all heads

@@ -47,6 +47,7 @@ from toolkit.errors import InputError, printable, short_reason
 from toolkit.files import CACHE_ENV, atomic_writer, writable_dir
 from toolkit.files import cache_dir as toolkit_cache_dir
 
+from . import hf
 from .torchscript import CHUNK_BYTES, NotReadableAsData, read_torchscript_data
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ OPENAI_MODELS: dict[str, str] = {
     "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
     "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
     "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
 
 DOWNLOAD_TIMEOUT_S = 60.0  # socket timeout for one read while downloading
@@ -62,12 +64,13 @@ CHECKPOINT_CACHE = "clip"  # the cache folder's name, as OpenAI's clip package n
 SHA256_MEMO_NAME = "sha256-memo.json"  # sidecar in the cache folder: path -> (size, mtime_ns, sha256)
 REQUIRED_KEYS = ("visual.conv1.weight", "token_embedding.weight", "logit_scale")
 STRIP_PREFIX = "module."  # left by DataParallel / DistributedDataParallel
-NOT_A_CHECKPOINT = "not a CLIP checkpoint (TorchScript archive, state dict or .npz)"
+NOT_A_CHECKPOINT = "not a CLIP checkpoint (TorchScript archive, state dict, .safetensors or .npz)"
 CANNOT_READ_AS_DATA = "cannot read this TorchScript archive as data"
 NON_FINITE = "not a usable checkpoint: NaN or infinite values in tensor"
 
 _ZIP_MAGIC = b"PK"
 _PICKLE_MAGIC = b"\x80"  # pickle protocol >= 2, as written by torch.save's legacy format
+_SAFETENSORS_LENGTH_BYTES = 8  # a safetensors file starts with its JSON header's length (uint64, little-endian)
 _WEIGHTS_ONLY_FAILED = "Weights only load failed"  # how torch's weights-only refusals begin
 _WEIGHTS_ONLY_MARKER = "WeightsUnpickler error:"  # ... and where their reason follows
 
@@ -219,6 +222,12 @@ def resolve_checkpoint(
     path = pathlib.Path(name).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        weights = hf.weights_in(path)
+        if weights is None:
+            raise InputError(path, f"a folder without a Hugging Face model ({hf.CONFIG_NAME} and "
+                                   f"{' or '.join(hf.WEIGHT_NAMES)})")
+        return weights
     raise InputError(name, f"neither a file nor a known model name ({', '.join(OPENAI_MODELS)})")
 
 
@@ -326,7 +335,21 @@ def _read(path: pathlib.Path, allow_code: bool) -> Mapping:
         return _unwrap(torch.load(path, map_location="cpu", weights_only=True))
     if head.startswith(_PICKLE_MAGIC):
         return _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+    if _is_safetensors(path):
+        from safetensors.torch import load_file  # deferred: only for .safetensors files
+
+        return load_file(str(path), device="cpu")  # a JSON header and raw tensors: no code, no pickle
     raise ValueError(f"unrecognised content (starts with {head!r})")
+
+
+def _is_safetensors(path: pathlib.Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(_SAFETENSORS_LENGTH_BYTES + 1)
+    if len(head) <= _SAFETENSORS_LENGTH_BYTES:
+        return False
+    length = int.from_bytes(head[:_SAFETENSORS_LENGTH_BYTES], "little")
+    return head[_SAFETENSORS_LENGTH_BYTES:] == b"{" and 1 < length <= path.stat().st_size
 
 
 def _first_non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
@@ -371,6 +394,12 @@ def load_state_dict(path: str | os.PathLike, *, allow_code: bool = False) -> dic
             raise InputError(path, f"{NOT_A_CHECKPOINT}: entry {key!r} is a {type(value).__name__}, not a tensor")
         name = key[len(STRIP_PREFIX):] if key.startswith(STRIP_PREFIX) else key
         state[name] = value.detach().cpu()
+    if hf.is_hf_layout(state):
+        state = hf.to_openai_layout(state, path)
+    layout = _foreign_layout(state)
+    if layout:
+        raise InputError(path, f"not a CLIP ViT checkpoint: {layout}; supported: CLIP ViTs in OpenAI's layout, "
+                               "OpenCLIP ViTs and Hugging Face CLIPModels")
     for key in REQUIRED_KEYS:
         if key not in state:
             raise InputError(path, f"not a CLIP ViT checkpoint: missing key {key}")
@@ -387,6 +416,33 @@ def checkpoint_sha256(
     return sha256_of_file(resolve_checkpoint(name_or_path, cache_dir=cache_dir, download=download), cache_dir)
 
 
+def _foreign_layout(state: Mapping[str, torch.Tensor]) -> str | None:
+    """What a state dict that is not a whole CLIP ViT looks like (for the refusal), or None."""
+    keys = set(state)
+    if "visual.attnpool.c_proj.weight" in keys or any(k.startswith("visual.layer1.") for k in keys):
+        return "a ResNet CLIP (visual.layer1.*, visual.attnpool.*)"
+    if any(k.startswith("visual.trunk.") for k in keys):
+        return "an OpenCLIP model with a timm vision trunk (visual.trunk.*)"
+    if "patch_embed.proj.weight" in keys or any(k.startswith("blocks.0.") for k in keys):
+        return "a timm ViT (patch_embed.*, blocks.*), an image model without CLIP's text tower"
+    if "visual.conv1.weight" in keys and "token_embedding.weight" not in keys:
+        return "a vision tower alone (visual.*), without the text tower"
+    if "conv1.weight" in keys and "class_embedding" in keys:
+        return "a vision tower alone (conv1, class_embedding, ... without the visual. prefix)"
+    return None
+
+
+def checkpoint_identity(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                        arch=None, download: bool = True):
+    """What identifies a model's results without reading its weights: ``(SHA256 of the
+    checkpoint, its Architecture)`` (for resume keys)."""
+    from . import architecture
+
+    path = resolve_checkpoint(name_or_path, cache_dir=cache_dir, download=download)
+    sha = sha256_of_file(path, cache_dir)
+    return sha, architecture.resolve(path, arch, _openai_release(sha) is not None, warn=False)
+
+
 def load_checkpoint(
     name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, download: bool = True,
     *, allow_code: bool = False,
@@ -401,13 +457,17 @@ def load_checkpoint(
     return state, sha256_of_file(path, cache_dir)
 
 
-# ``--precision`` names -> parameter dtypes (README "Precision").
-def load(
+def load_clip(
     name_or_path: str | os.PathLike = "ViT-B/16", device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None, download: bool = True,
-    *, allow_code: bool = False,
+    *, allow_code: bool = False, arch=None,
 ):
     """A ready CLIP model (eval mode, no parameter gradients) with ``checkpoint_sha256`` set.
+
+    ``arch``: what the weights cannot show (activation, head widths), as
+    :func:`clip.architecture.resolve` finds it: an :class:`~clip.model.Architecture`, an
+    OpenCLIP model name, else ``open_clip_config.json`` beside the file, else OpenAI's (a
+    warning says so unless the file is one of OpenAI's releases).
 
     OpenAI stores float16 weights; by default they are copied into float32 parameters, as
     the reference's classification does (SPEC §2). ``dtype`` float16 / bfloat16 casts every
@@ -417,12 +477,16 @@ def load(
     :func:`load_state_dict`). A state dict that does not fit the architecture its shapes
     describe is refused naming the first missing key, unexpected key or size mismatch.
     """
-    from clip.model import StateDictMismatch, build_model  # local: keeps this module importable without the model
+    from . import architecture  # local: keeps this module importable without the model
+    from .model import StateDictMismatch, build_model
 
     device = resolve_device(device)
-    state, sha = load_checkpoint(name_or_path, cache_dir=cache_dir, download=download, allow_code=allow_code)
+    path = resolve_checkpoint(name_or_path, cache_dir=cache_dir, download=download)
+    state = load_state_dict(path, allow_code=allow_code)
+    sha = sha256_of_file(path, cache_dir)
+    facts = architecture.resolve(path, arch, _openai_release(sha) is not None)
     try:
-        model = build_model(state, dtype=dtype)
+        model = build_model(state, dtype=dtype, arch=facts)
     except StateDictMismatch as err:  # one line already, built to carry its reason in full
         raise InputError(name_or_path, f"not a CLIP ViT checkpoint: {err}") from None
     except KeyError as err:
@@ -437,12 +501,12 @@ def load(
 
 
 def load_model(model_path: str | os.PathLike, device: str | torch.device | None = None, precision: str = "fp32",
-               cache_dir: str | os.PathLike | None = None, allow_code: bool = False):
+               cache_dir: str | os.PathLike | None = None, allow_code: bool = False, arch=None):
     """The commands' one way to load a model: the device checked first, a cache folder the
     user chose (``$TAGCLIP_CACHE``) checked writable, then :func:`load` with the ``--precision``
     name's dtype. Every problem is an InputError (one line, exit status 2)."""
     device = resolve_device(device)
     if os.environ.get(CACHE_ENV):  # a cache the user chose must work; the default one is optional
         writable_dir(os.environ[CACHE_ENV], f"cache folder ({CACHE_ENV})")
-    return load(model_path, device=device, dtype=precision_dtype(precision), cache_dir=cache_dir,
-                allow_code=allow_code)
+    return load_clip(model_path, device=device, dtype=precision_dtype(precision), cache_dir=cache_dir,
+                allow_code=allow_code, arch=arch)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -34,6 +35,29 @@ from .kernels import ALL_AT_ONCE, AttentionSchedule, Linear, PackedWeights, line
 HEAD_WIDTH = 64
 # SPEC §2: QuickGELU constant.
 QUICK_GELU_ALPHA = 1.702
+# MLP activations by name: OpenAI's CLIP uses QuickGELU; OpenCLIP's own trainings use GELU.
+QUICK_GELU, GELU = "quick_gelu", "gelu"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The facts of a CLIP ViT that its weights cannot show (shapes give everything else).
+    The defaults are OpenAI's; ``source`` says where the facts were read, for messages."""
+    activation: str = QUICK_GELU
+    vision_head_width: int = HEAD_WIDTH
+    text_head_width: int = HEAD_WIDTH
+    source: str = "OpenAI's CLIP"
+
+    def key(self) -> str:
+        """The facts for cache and resume keys: empty for OpenAI's (so that keys written before
+        other architectures existed stay valid), else ``activation/vision head/text head``."""
+        facts = (self.activation, self.vision_head_width, self.text_head_width)
+        openai = (QUICK_GELU, HEAD_WIDTH, HEAD_WIDTH)
+        return "" if facts == openai else "/".join(map(str, facts))
+
+
+OPENAI_ARCHITECTURE = Architecture()
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 (input, weight and bias) whatever the dtypes (SPEC §2);
     the result has the input's dtype."""
@@ -51,6 +75,15 @@ class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = torch.mul(x, QUICK_GELU_ALPHA).sigmoid_()
         return gate.mul_(x) if not torch.is_grad_enabled() else x * gate
+
+
+def activation_module(name: str) -> nn.Module:
+    """The MLP activation called ``name`` (:data:`QUICK_GELU` or :data:`GELU`, the exact erf form)."""
+    if name == QUICK_GELU:
+        return QuickGELU()
+    if name == GELU:
+        return nn.GELU()
+    raise ValueError(f"unknown activation {name!r}; choose {QUICK_GELU!r} or {GELU!r}")
 
 
 class Attention(PackedWeights, nn.Module):
@@ -177,13 +210,13 @@ class Attention(PackedWeights, nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, activation: str = QUICK_GELU):
         super().__init__()
         self.attn = Attention(width, heads)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", Linear(width, width * 4)),
-            ("gelu", QuickGELU()),
+            ("gelu", activation_module(activation)),  # OpenAI's name for the slot, whatever the activation
             ("c_proj", Linear(width * 4, width)),
         ]))
         self.ln_2 = LayerNorm(width)
@@ -204,11 +237,11 @@ class TransformerOutput(NamedTuple):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int):
+    def __init__(self, width: int, layers: int, heads: int, activation: str = QUICK_GELU):
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, activation) for _ in range(layers)])
 
     def forward(self, x: torch.Tensor, attn_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
                 need_weights: bool = False, is_causal: bool = False,
@@ -255,7 +288,7 @@ class VisionOutput(NamedTuple):
 
 class VisionTransformer(nn.Module):
     def __init__(self, input_resolution: int, patch_size: int, width: int, layers: int,
-                 heads: int, output_dim: int):
+                 heads: int, output_dim: int, activation: str = QUICK_GELU):
         super().__init__()
         self.input_resolution = input_resolution
         self.patch_size = patch_size
@@ -264,7 +297,7 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(
             torch.empty((input_resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
 
@@ -318,18 +351,23 @@ class CLIP(nn.Module):
     def __init__(self, embed_dim: int, image_resolution: int, vision_layers: int,
                  vision_width: int, vision_patch_size: int, context_length: int,
                  vocab_size: int, transformer_width: int, transformer_heads: int,
-                 transformer_layers: int):
+                 transformer_layers: int, vision_heads: Optional[int] = None, activation: str = QUICK_GELU):
+        """OpenAI's signature; ``vision_heads`` (default width // 64) and ``activation``
+        (default QuickGELU) are the facts other CLIP ViTs differ in."""
         super().__init__()
         self.context_length = context_length
-        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width,
-                                        vision_layers, vision_width // HEAD_WIDTH, embed_dim)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
+        self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
+                                        vision_heads or vision_width // HEAD_WIDTH, embed_dim, activation)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, activation)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.ones([]))
         self.checkpoint_sha256: Optional[str] = None  # set by the loader; keys text caches
+        vision_head_width = HEAD_WIDTH if vision_heads is None else vision_width // vision_heads
+        self.architecture = Architecture(activation, vision_head_width, transformer_width // transformer_heads,
+                                         source="constructor arguments")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -348,6 +386,19 @@ class CLIP(nn.Module):
         x = self.transformer(x, is_causal=True).tokens  # (B, length, width)
         x = self.ln_final(x)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, E) features: ``ln_post`` of the class token ``@ proj``."""
+        return self.visual(images, cls_only=True).tokens[:, 0]
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """OpenAI's ``model(image, text)``: (logits_per_image (B, T), logits_per_text (T, B))."""
+        image_features = self.encode_image(images)
+        text_features = self.encode_text(tokens)
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
 
 
 class StateDictMismatch(RuntimeError):
@@ -373,8 +424,17 @@ def check_state_dict_fits(model: nn.Module, state_dict: dict[str, torch.Tensor])
     raise StateDictMismatch(f"{problems[0]}{more}")
 
 
-def build_model(state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> CLIP:
-    """Build a CLIP ViT from an OpenAI state dict, reading the architecture from tensor shapes.
+def _heads(width: int, head_width: int, tower: str, arch: Architecture) -> int:
+    if head_width < 1 or width % head_width:
+        raise StateDictMismatch(f"the {tower} width {width} is not a multiple of the head width {head_width} "
+                                f"({arch.source})")
+    return width // head_width
+
+
+def build_model(state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                arch: Architecture = OPENAI_ARCHITECTURE) -> CLIP:
+    """Build a CLIP ViT from a state dict in OpenAI's layout, reading the architecture from
+    tensor shapes and ``arch`` (activation, head widths: what shapes cannot show).
 
     A state dict that does not fit that architecture raises :class:`StateDictMismatch`."""
     sd = {k: v for k, v in state_dict.items()
@@ -396,9 +456,12 @@ def build_model(state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.
         context_length=sd["positional_embedding"].shape[0],
         vocab_size=sd["token_embedding.weight"].shape[0],
         transformer_width=text_width,
-        transformer_heads=text_width // HEAD_WIDTH,
+        transformer_heads=_heads(text_width, arch.text_head_width, "text", arch),
         transformer_layers=text_layers,
+        vision_heads=_heads(vision_width, arch.vision_head_width, "vision", arch),
+        activation=arch.activation,
     )
     check_state_dict_fits(model, sd)
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
+    model.architecture = arch  # with its source
     return model.to(dtype).eval().requires_grad_(False)

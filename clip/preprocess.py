@@ -81,3 +81,17 @@ def load_model_input(path, exif_transpose: bool = False,
     img = open_image(path, exif_transpose=exif_transpose, max_side=max_side)
     w, h = img.size
     return to_model_input(img, patch_size=patch_size), (h, w)
+
+
+def openai_transform(n_px: int):
+    """OpenAI's ``preprocess`` for square inputs of ``n_px``: resize the short side to ``n_px``
+    (bicubic), centre crop, RGB, ``ToTensor``, normalise. (The toolkit's own stages use
+    :func:`load_model_input` instead: no crop, each side rounded to the patch.)"""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+    return Compose([Resize(n_px, interpolation=InterpolationMode.BICUBIC), CenterCrop(n_px),
+                    _convert_to_rgb, ToTensor(), Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def _convert_to_rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")

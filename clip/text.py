@@ -58,17 +58,21 @@ def token_ids(text: str) -> list[int]:
     return [SOT_TOKEN] + _bpe().encode(text) + [EOT_TOKEN]
 
 
-def tokenize(texts: Union[str, Sequence[str]], context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
-    """(len(texts), context_length) int64 token ids, zero padded.
+def tokenize(texts: Union[str, Sequence[str]], context_length: int = CONTEXT_LENGTH,
+             truncate: bool = False) -> torch.Tensor:
+    """(len(texts), context_length) int64 token ids, zero padded (OpenAI's signature).
 
     Raises :class:`TextTooLongError` (a ValueError) for the first text that does not fit, before
-    anything is returned: text is never cut."""
+    anything is returned, unless ``truncate`` (OpenAI's option: the text is cut and its last
+    token becomes the end token). The toolkit's stages never cut."""
     if isinstance(texts, str):
         texts = [texts]
     rows = [token_ids(t) for t in texts]
-    for text, ids in zip(texts, rows):
+    for i, (text, ids) in enumerate(zip(texts, rows)):
         if len(ids) > context_length:
-            raise TextTooLongError(text, len(ids), context_length)
+            if not truncate:
+                raise TextTooLongError(text, len(ids), context_length)
+            rows[i] = ids[:context_length - 1] + [EOT_TOKEN]
     out = torch.zeros(len(rows), context_length, dtype=torch.long)
     for i, ids in enumerate(rows):
         out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 from tqdm import tqdm
 
 from clip.kernels import AttentionSchedule
-from clip.loading import checkpoint_sha256, load_model
+from clip.loading import checkpoint_identity, load_model
 from clip.preprocess import load_model_input
 from clip_es.cam_files import MAX_CAM_CLASSES, cam_path, load_cam, save_cam
 from clip_es.cams import CAM_TEMPLATE, compute_cams, encode_cam_text
@@ -38,6 +38,7 @@ from toolkit.cli import (
     add_vis_argument,
     check_outputs,
     guarded,
+    layers_value,
     report_failures,
 )
 from toolkit.errors import InputError, Interrupted
@@ -78,6 +79,10 @@ def generate_cams_parser() -> argparse.ArgumentParser:
                    help="recompute every image (default: keep the CAM files an earlier run with the same "
                         "settings wrote for the same labels)")
     add_max_side_argument(p)
+    p.add_argument("--affinity_layers", type=layers_value, default=None,
+                   help="blocks whose maps make the affinity, e.g. 4-10 (default: the dataset's blocks for 12-block "
+                        "models, 4-10 for voc2012 and 4-11 for coco2017 and cocostuff, carried to other depths as "
+                        "the README's 'Other CLIP models' says; the paper gives none for them)")
     add_vis_argument(p, "one heat-map overlay per labelled class, {id}_{classname}.png")
     return p
 
@@ -165,8 +170,10 @@ def _generate_locked(args, shard: sharding.Shard, cfg, entries: Sequence[SplitEn
     print("image cnt:", len(entries))
 
     root = Path(args.img_root)
-    key = run_key(checkpoint=checkpoint_sha256(args.model_path, args.model_cache), precision=args.precision, cam=cfg,
-                  template=CAM_TEMPLATE, max_side=args.max_side, device=device.type, root=str(root.resolve()))
+    sha, arch = checkpoint_identity(args.model_path, args.model_cache, args.arch)
+    key = run_key(checkpoint=sha, arch=arch.key(), precision=args.precision, cam=cfg, template=CAM_TEMPLATE,
+                  affinity_layers=args.affinity_layers,
+                  max_side=args.max_side, device=device.type, root=str(root.resolve()))
     journal, done = _cam_journal(out_dir, key, shard)
     paths = {e.id: image_path(root, e.id) for e in entries}
     labels = {e.id: tuple(e.labels) for e in entries}
@@ -203,7 +210,12 @@ def _write_cams(args, device, cfg, todo: Sequence[SplitEntry], paths: dict, out_
                 total: int, failures: list, written: set) -> None:
     """Compute and write the CAM files of ``todo`` (journaled one by one; ids into ``written``,
     unreadable images into ``failures``); the next image decodes while one is computed."""
-    model = load_model(args.model_path, device, args.precision, args.model_cache, args.allow_checkpoint_code)
+    model = load_model(args.model_path, device, args.precision, args.model_cache, args.allow_checkpoint_code,
+                       args.arch)
+    try:
+        cfg = cfg.for_depth(model.visual.transformer.layers, args.affinity_layers)
+    except ValueError as err:
+        raise InputError("--affinity_layers", str(err)) from None
     text = encode_cam_text(model, cfg)
     attention = AttentionSchedule.for_device(device)
     load = functools.partial(_load, max_side=args.max_side, patch_size=model.visual.patch_size)

@@ -8,10 +8,11 @@ CAM stage's synonyms of them are CLIP-ES's and live here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
+from toolkit.depths import scale_layers
 from toolkit.vocab import (
     COCO_BACKGROUND,
     COCO_CLASSES,
@@ -61,6 +62,15 @@ class CamConfig:
     box_threshold: float                # scoremap2bbox threshold of the refinement boxes
     eval_num_classes: int               # classes of the evaluation (incl. background where used)
     display_names: tuple[str, ...]      # the dataset's own class names (pictures, file names)
+
+    def for_depth(self, depth: int, affinity_layers: Optional[Sequence[int]] = None) -> "CamConfig":
+        """These facts for a vision tower of ``depth`` blocks: ``affinity_layers`` given (blocks
+        of that tower), else the paper's carried over by :func:`toolkit.depths.scale_layers`;
+        ValueError if a block does not exist."""
+        layers = tuple(affinity_layers) if affinity_layers else scale_layers(self.affinity_layers, depth)
+        if not layers or not all(0 <= b < depth for b in layers):
+            raise ValueError(f"affinity blocks {list(layers)} do not exist in a {depth}-block tower")
+        return replace(self, affinity_layers=layers)
 
 
 # SPEC §5: affinity = mean of maps [-8:-1] (VOC: blocks 4..10) or [-8:] (COCO, COCO-Stuff: 4..11).

@@ -21,7 +21,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_demo(args) -> int:
     files = iter_image_files(args.images)
-    model = load_model(args.model_path, args.device, args.precision, args.model_cache, args.allow_checkpoint_code)
+    model = load_model(args.model_path, args.device, args.precision, args.model_cache, args.allow_checkpoint_code,
+                       args.arch)
     patch = model.visual.patch_size
     images = [load_model_input(Path(args.images) / name, patch_size=patch)[0] for _, name in files]
     device = next(model.parameters()).device

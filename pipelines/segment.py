@@ -41,10 +41,11 @@ from clip_es.registry import (
     CamConfig,
     EvalConfig,
 )
-from tagclip.cli import add_tagging_arguments, user_vocabulary
+from tagclip.cli import add_tagging_arguments, method_params, user_vocabulary
 from tagclip.labels import check_scores_path, write_scores
+from tagclip.method import TagCLIPParams
 from tagclip.tagger import Tagger
-from toolkit.cli import check_outputs, report_failures
+from toolkit.cli import check_outputs, layers_value, report_failures
 from toolkit.errors import InputError, Interrupted
 from toolkit.files import write_text_atomic
 from toolkit.images import file_size_hw, iter_image_files
@@ -73,6 +74,9 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores_out", default=None,
                    help="also write every image's tag scores: .npy, .csv (header of class names) or .json")
     add_tagging_arguments(p)
+    p.add_argument("--affinity_layers", type=layers_value, default=None,
+                   help="blocks whose maps make the CAMs' affinity (default: the COCO setting, 4-11 of 12 blocks, "
+                        "carried to other depths as the README's 'Other CLIP models' says)")
 
 
 def run_segment(args) -> int:
@@ -89,11 +93,17 @@ def run_segment(args) -> int:
 
 def _segment_locked(args, names, background, files) -> int:
     """The run, with the output folder locked against another segment run into it."""
-    model = load_model(args.model_path, args.device, args.precision, args.model_cache, args.allow_checkpoint_code)
-    tagger = Tagger(model, names, background, use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
+    model = load_model(args.model_path, args.device, args.precision, args.model_cache, args.allow_checkpoint_code,
+                       args.arch)
+    tagger = Tagger(model, names, background, params=method_params(TagCLIPParams(), args.refine_layers, model),
+                    use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
     attention = AttentionSchedule.for_device(tagger.device)
     cam_cfg = CamConfig(names, background or COCO_STUFF_CAM_BACKGROUND,
                         COCO_AFFINITY_LAYERS, COCO_CAM_BOX_THRESHOLD, len(names) + 1, names)
+    try:
+        cam_cfg = cam_cfg.for_depth(model.visual.transformer.layers, args.affinity_layers)
+    except ValueError as err:
+        raise InputError("--affinity_layers", str(err)) from None
     eval_cfg = EvalConfig("custom", ("background", *names), True, tuple(range(1, len(names) + 1)))
     cam_text = encode_cam_text(model, cam_cfg)
     out = Path(args.out)

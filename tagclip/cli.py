@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,6 +27,7 @@ from toolkit.cli import (
     add_workers_argument,
     check_outputs,
     guarded,
+    layers_value,
     positive_int,
     report_failures,
 )
@@ -37,6 +39,7 @@ from toolkit.splits import SplitEntry, image_path, read_split
 
 from .classify import ScoreOptions, score_images
 from .labels import check_scores_path, label_file_lines, label_file_name, labels_to_onehot, write_scores
+from .method import TagCLIPParams
 from .metrics import f1_overall, format_metrics, mean_average_precision
 from .registry import DATASETS, get_dataset
 from .tagger import DEFAULT_BATCH_SIZE, Tagger, check_vocabulary
@@ -97,6 +100,23 @@ def add_tagging_arguments(p: argparse.ArgumentParser) -> None:
                    help="images of equal size per forward pass (default %(default)s)")
     add_on_error_argument(p)
     add_max_side_argument(p)
+    p.add_argument("--refine_layers", type=layers_value, default=None,
+                   help="blocks whose maps refine the patch scores, e.g. 8,9,10 or 16-21 (default: the dataset's "
+                        "blocks for 12-block models, 8-10 or for cocostuff 0-10, carried to other depths as the "
+                        "README's 'Other CLIP models' says; the paper gives none for them)")
+
+
+def method_params(params: TagCLIPParams, refine_layers: Optional[Sequence[int]], model) -> TagCLIPParams:
+    """The dataset's constants for this model: ``--refine_layers`` (blocks of this model) when
+    given, else the paper's blocks carried to the model's depth; a block the model does not
+    have is an InputError."""
+    depth = model.visual.transformer.layers
+    if refine_layers:
+        params = replace(params, refine_layers=tuple(refine_layers), layers_depth=depth)
+    try:
+        return params.for_depth(depth)
+    except ValueError as err:
+        raise InputError("--refine_layers", str(err)) from None
 
 
 def add_run_arguments(p: argparse.ArgumentParser, split_file: bool = True) -> None:
@@ -202,14 +222,17 @@ def _classify_locked(args, shard: sharding.Shard, vocab: _Vocabulary, entries: S
         print("num_images:", len(entries))
         print("device:", device if shard.world == 1 else f"{device} x {shard.world} processes")
         print(RULE + "\n")
-    model = load_model(args.model_path, device, precision, args.model_cache, args.allow_checkpoint_code)
+    model = load_model(args.model_path, device, precision, args.model_cache, args.allow_checkpoint_code,
+                       args.arch)
     tagger = Tagger(model, vocab.names, vocab.background,
-                    params=vocab.dataset.params, label_threshold=vocab.dataset.label_rel_threshold,
+                    params=method_params(vocab.dataset.params, args.refine_layers, model),
+                    label_threshold=vocab.dataset.label_rel_threshold,
                     use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
     label_path = Path(args.output_dir) / vocab.label_file
     journal = ScoreJournal(label_path.with_name(f".{label_path.name}{shard.tag}.journal"), run_key(
-        checkpoint=model.checkpoint_sha256, names=vocab.names, background=vocab.background,
-        params=vocab.dataset.params, exif=args.exif_transpose, max_side=args.max_side,
+        checkpoint=model.checkpoint_sha256, arch=model.architecture.key(), names=vocab.names,
+        background=vocab.background,
+        params=tagger.params, exif=args.exif_transpose, max_side=args.max_side,
         device=device.type, precision=precision, batch=args.batch_size,
         split=args.split_file and str(Path(args.split_file).resolve()), root=str(Path(args.img_root).resolve())),
         len(vocab.names))

@@ -19,7 +19,7 @@ too (:func:`positional_table`), passed to the backbone as an argument.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -30,6 +30,7 @@ from clip import CLIP
 from clip.kernels import ALL_AT_ONCE, AttentionSchedule, steps
 from clip.model import VisionTransformer, resize_positional_embedding
 from toolkit.boxes import TAGCLIP_CONTOURS, box_masks
+from toolkit.depths import PAPER_DEPTH, scale_layers
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,17 @@ class TagCLIPParams:
     crop_rel_threshold: float = 0.5       # §3.8: candidates above lo + 0.5·(hi − lo) (COCO-Stuff 0.1)
     crop_mask_threshold: float = 0.5      # §3.8: region = normalised map > 0.5
     crop_fusion_weight: float = 0.5       # §3.8: s ← w·s + (1 − w)·p
+    layers_depth: int = PAPER_DEPTH       # the tower depth refine_layers are given for
+
+    def for_depth(self, depth: int) -> "TagCLIPParams":
+        """These constants for a vision tower of ``depth`` blocks: ``refine_layers`` carried over
+        by :func:`toolkit.depths.scale_layers` (unchanged for 12 blocks); ValueError if a block
+        does not exist."""
+        params = self if depth == self.layers_depth else replace(
+            self, refine_layers=scale_layers(self.refine_layers, depth, self.layers_depth), layers_depth=depth)
+        if not params.refine_layers or not all(0 <= b < depth for b in params.refine_layers):
+            raise ValueError(f"refinement blocks {list(params.refine_layers)} do not exist in a {depth}-block tower")
+        return params
 
 
 # ---------------------------------------------------------------- step 1: masks and positions

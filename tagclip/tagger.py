@@ -2,7 +2,7 @@
 
 >>> import clip
 >>> from tagclip import Tagger
->>> tagger = Tagger(clip.load("ViT-B/16"), ["cat", "dog", "sofa"], background=["floor", "wall"])
+>>> tagger = Tagger(clip.load_clip("ViT-B/16"), ["cat", "dog", "sofa"], background=["floor", "wall"])
 >>> tagger.tag("photo.jpg")          # {'cat': 0.91, 'dog': 0.02, 'sofa': 0.40}
 
 Images of equal size are batched through the main pass, and the crops of a whole batch go
@@ -113,7 +113,7 @@ class Tagger:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model = model
-        self.params = params
+        self.params = params.for_depth(model.visual.transformer.layers)
         self.label_threshold = label_threshold
         self.batch_size = batch_size
         # T: N foreground rows then M background rows (SPEC §3).

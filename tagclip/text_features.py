@@ -38,13 +38,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def cache_key(checkpoint_sha256: str, names: Sequence[str], templates: Sequence[str],
-              dtype: torch.dtype = torch.float32) -> str:
-    """Cache file name: hashes the checkpoint, the class names, the templates and the dtype
-    the text tower ran in (float32 and bfloat16 features differ, so they never share a file)."""
-    payload = json.dumps({"v": CACHE_FORMAT_VERSION, "ckpt": checkpoint_sha256,
-                          "names": list(names), "templates": list(templates),
-                          "dtype": dtype_name(dtype)},
-                         ensure_ascii=False, sort_keys=True)
+              dtype: torch.dtype = torch.float32, architecture: str = "") -> str:
+    """Cache file name: hashes the checkpoint, the class names, the templates, the dtype the
+    text tower ran in (float32 and bfloat16 features differ, so they never share a file) and
+    the architecture facts the weights cannot show (``Architecture.key``; empty for OpenAI's)."""
+    fields = {"v": CACHE_FORMAT_VERSION, "ckpt": checkpoint_sha256, "names": list(names),
+              "templates": list(templates), "dtype": dtype_name(dtype)}
+    if architecture:
+        fields["arch"] = architecture
+    payload = json.dumps(fields, ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -67,7 +69,7 @@ def class_embeddings(model: CLIP, names: Sequence[str], templates: Sequence[str]
     path = None
     rows = None
     if use_cache and sha:
-        key = cache_key(sha, names, templates, getattr(model, "dtype", torch.float32))
+        key = cache_key(sha, names, templates, model.dtype, model.architecture.key())
         path = Path(cache_dir or default_text_cache_dir()) / f"{key}.npy"
         if path.is_file():
             tokenize_prompts(names, templates, model_context_length(model))  # raises if overlong

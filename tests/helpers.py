@@ -55,7 +55,7 @@ def tiny_model():
 
     cache = tempfile.mkdtemp(prefix="tagclip-test-cache-")
     atexit.register(shutil.rmtree, cache, ignore_errors=True)
-    return clip.load(str(TINY_CHECKPOINT), dtype=torch.float32, cache_dir=cache)
+    return clip.load_clip(str(TINY_CHECKPOINT), dtype=torch.float32, cache_dir=cache)
 
 
 # ----------------------------------------------------------------------------- golden data

@@ -308,7 +308,7 @@ for path in paths:
     except InputError as err:
         entry["state_error"] = str(err)
     try:
-        model = clip.load(path, cache_dir=cache)
+        model = clip.load_clip(path, cache_dir=cache)
         entry["model"] = all(torch.equal(model.state_dict()[k], v.float()) for k, v in expected.items())
     except InputError as err:
         entry["model_error"] = str(err)
@@ -361,7 +361,7 @@ def test_hostile_archive_is_handed_to_torchscript_with_allow_code(tmp_path):
     state = _clip_state()
     path = _save_scripted(_tree(state, FileWriter(str(target))), tmp_path / "clip_writer")
     with _torchscript_deprecation_ignored():
-        model = clip.load(str(path), cache_dir=tmp_path / "cache", allow_code=True)
+        model = clip.load_clip(str(path), cache_dir=tmp_path / "cache", allow_code=True)
     assert _payload_written(target)
     for key, value in state.items():
         assert torch.equal(model.state_dict()[key], value.float()), key
@@ -442,7 +442,7 @@ def test_data_reader_gives_torchscripts_state_dict_for_a_traced_clip(tmp_path):
     want = _jit_state(path)
     assert {"input_resolution", "context_length", "vocab_size", "visual.conv1.weight"} <= set(want)
     _assert_same_state(loading.read_torchscript_data(path), want)
-    model = clip.load(str(path), cache_dir=tmp_path / "cache")
+    model = clip.load_clip(str(path), cache_dir=tmp_path / "cache")
     for key, value in want.items():
         if key not in ("input_resolution", "context_length", "vocab_size"):
             assert torch.equal(model.state_dict()[key], value.float()), key
@@ -586,7 +586,7 @@ def test_strict_load_failure_names_the_first_size_mismatch_and_counts_the_rest(t
     path = tmp_path / "vit-g-like.pt"
     torch.save(_mlp_wider(_clip_state(), 300), path)
     with pytest.raises(InputError) as e:
-        clip.load(str(path), cache_dir=tmp_path / "cache")
+        clip.load_clip(str(path), cache_dir=tmp_path / "cache")
     assert _one_line(e) == (f"{path}: not a CLIP ViT checkpoint: Size mismatch for "
                             f"visual.transformer.resblocks.0.mlp.c_fc.weight: [300, 64] in the state dict, "
                             f"[256, 64] in the model (and 5 more; in all 6 size mismatches)")
@@ -599,7 +599,7 @@ def test_strict_load_failure_names_the_first_missing_key_and_counts_the_rest(tmp
     path = tmp_path / "odd.pt"
     torch.save(state, path)
     with pytest.raises(InputError) as e:
-        clip.load(str(path), cache_dir=tmp_path / "cache")
+        clip.load_clip(str(path), cache_dir=tmp_path / "cache")
     assert _one_line(e) == (f"{path}: not a CLIP ViT checkpoint: Missing key visual.ln_pre.weight "
                             f"(and 1 more; in all 1 missing, 1 unexpected)")
     del state["visual.extra"]
@@ -638,7 +638,7 @@ def test_all_nan_checkpoint_is_refused(tmp_path):
     path = tmp_path / "all-nan.pt"
     torch.save(state, path)
     with pytest.raises(InputError) as e:
-        clip.load(str(path), cache_dir=tmp_path / "cache")
+        clip.load_clip(str(path), cache_dir=tmp_path / "cache")
     first = next(iter(state))
     assert _one_line(e) == f"{path}: {loading.NON_FINITE} {first} ({state[first].numel()} of {state[first].numel()} values)"
 

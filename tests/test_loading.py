@@ -184,7 +184,7 @@ def test_pickled_code_is_refused(state, tmp_path):
 def test_unknown_name():
     with pytest.raises(InputError) as e:
         loading.resolve_checkpoint("ViT-H/99")
-    assert _message(e) == "ViT-H/99: neither a file nor a known model name (ViT-B/32, ViT-B/16, ViT-L/14)"
+    assert _message(e) == "ViT-H/99: neither a file nor a known model name (ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px)"
 
 
 def test_existing_path_resolves_to_itself(state, tmp_path):

@@ -446,7 +446,7 @@ def test_load_reports_a_missing_key_as_input_error(tmp_path):
     path = tmp_path / "broken.pt"
     torch.save(sd, path)
     with pytest.raises(InputError, match="not a CLIP ViT checkpoint"):
-        clip.load(str(path), cache_dir=tmp_path / "cache")
+        clip.load_clip(str(path), cache_dir=tmp_path / "cache")
 
 
 # ----------------------------------------------------------------------------- checkpoint formats
@@ -471,7 +471,7 @@ def test_checkpoint_formats_give_identical_models(tmp_path):
     for kind in ("torch", "npz", "torchscript"):
         path = tmp_path / f"tiny.{kind}"
         _save(kind, state, path)
-        model = clip.load(str(path), cache_dir=tmp_path / "cache")
+        model = clip.load_clip(str(path), cache_dir=tmp_path / "cache")
         assert model.dtype == torch.float32
         for key, value in state.items():
             assert torch.equal(model.state_dict()[key], value.float()), (kind, key)

@@ -83,7 +83,7 @@ def tiny(dtype: torch.dtype):
         return helpers.tiny_model()
     cache = tempfile.mkdtemp(prefix="tagclip-test-cache-")
     atexit.register(shutil.rmtree, cache, ignore_errors=True)
-    return clip.load(str(helpers.TINY_CHECKPOINT), dtype=dtype, cache_dir=cache)
+    return clip.load_clip(str(helpers.TINY_CHECKPOINT), dtype=dtype, cache_dir=cache)
 
 
 @functools.lru_cache(maxsize=None)

@@ -120,6 +120,10 @@ def _flag_cases(tmp_path: Path, folder: Path):
                             lambda base, rc, got, err, calls: not any((tmp_path / "nc" / "text").glob("*"))),
         # The archive's code runs only with the flag (it writes a file); without it the same
         # weights load as data (the baseline run below, same outputs, no file).
+        # GELU instead of the assumed QuickGELU (the tiny checkpoint has no config beside it)
+        "--arch": (["--arch", "ViT-B-16"], lambda base, rc, got, err, calls: _differs(base, got)),
+        "--refine_layers": (["--refine_layers", "2-5"], lambda base, rc, got, err, calls: _differs(base, got)),
+        "--affinity_layers": (["--affinity_layers", "0,1"], lambda base, rc, got, err, calls: _differs(base, got)),
         "--allow_checkpoint_code": (["--allow_checkpoint_code", "--model_path", str(code_ckpt)],
                                     lambda base, rc, got, err, calls: code_target.exists() and not _differs(base, got)),
     }
@@ -138,7 +142,7 @@ def _code_archive(path: Path, target: Path) -> Path:
 
 def _load_runs(ckpt: Path, tmp_path: Path) -> bool:
     import clip
-    return clip.load(str(ckpt), cache_dir=tmp_path / "mc_probe") is not None
+    return clip.load_clip(str(ckpt), cache_dir=tmp_path / "mc_probe") is not None
 
 
 def _argv(folder: Path, out: Path, extra) -> list[str]:

@@ -18,6 +18,7 @@ import threading
 import traceback
 from typing import Callable, Sequence
 
+from .depths import parse_layers
 from .devices import DEFAULT_PRECISION, PRECISIONS
 from .errors import (
     EXIT_INPUT_ERROR,
@@ -74,6 +75,14 @@ non_negative_int = int_at_least(0)
 max_side_value = int_at_least(MIN_MAX_SIDE)
 
 
+def layers_value(text: str) -> tuple[int, ...]:
+    """An argparse type: a block list, ``8,9,10`` or ``16-21``."""
+    try:
+        return parse_layers(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def finite_float(text: str) -> float:
     """An argparse type: a finite number."""
     try:
@@ -91,8 +100,13 @@ def add_model_arguments(p: argparse.ArgumentParser, names: Sequence[str] = ("--m
     """The model flags of every command that loads one: ``--model_path`` (``names``: its
     spellings), ``--device``, ``--precision``, ``--model_cache``, ``--allow_checkpoint_code``."""
     p.add_argument(*names, dest="model_path", default=DEFAULT_MODEL,
-                   help="OpenAI model name (downloaded to the cache, SHA256 checked) or a checkpoint file "
-                        "(TorchScript archive, state dict or .npz); default %(default)s")
+                   help="OpenAI model name (downloaded to the cache, SHA256 checked), a checkpoint file "
+                        "(TorchScript archive, state dict, .safetensors or .npz) or a Hugging Face CLIPModel "
+                        "folder; default %(default)s")
+    p.add_argument("--arch", default=None,
+                   help="what the weights cannot show (activation, head width), as an OpenCLIP model name such as "
+                        "ViT-B-16 or ViT-H-14 (default: open_clip_config.json beside the file, else OpenAI's CLIP, "
+                        "with a warning unless the file is one of OpenAI's releases)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=DEFAULT_PRECISION,
                    help="model weights in float32 (default, the paper's setting, on every device), float16 or "
