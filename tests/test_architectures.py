@@ -257,23 +257,15 @@ def test_hugging_face_clipmodel_folder_gives_transformers_features(act, tmp_path
     loads by its folder; image and text features equal transformers' own."""
     import transformers  # a test dependency (.ci/run installs it): the independent side
 
-    torch.manual_seed(11)
-    tower = dict(intermediate_size=512, num_hidden_layers=2, hidden_act=act, projection_dim=32)
-    config = transformers.CLIPConfig(
-        text_config=dict(hidden_size=128, num_attention_heads=2, vocab_size=49408, max_position_embeddings=77,
-                         **tower),
-        vision_config=dict(hidden_size=128, num_attention_heads=4, image_size=64, patch_size=16, **tower),
-        projection_dim=32)
-    theirs = transformers.CLIPModel(config).eval()
-    theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    theirs = transformers.CLIPModel.from_pretrained(_hf_folder(tmp_path / "hf", act)).eval()
     ours = clip.load_clip(tmp_path / "hf", device="cpu")
     assert ours.architecture.activation == (QUICK_GELU if act == "quick_gelu" else GELU)
     assert ours.visual.transformer.resblocks[0].attn.heads == 4
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     tokens = clip.tokenize(["a photo of a cat", "two dogs on a sofa"])
     with torch.no_grad():
-        want_image = theirs.get_image_features(pixel_values=images)
-        want_text = theirs.get_text_features(input_ids=tokens)
+        want_image = _projected(theirs.get_image_features(pixel_values=images))
+        want_text = _projected(theirs.get_text_features(input_ids=tokens))
         assert _close(ours.encode_image(images), want_image) <= REL_TOL
         assert _close(ours.encode_text(tokens), want_text) <= REL_TOL
 
@@ -294,9 +286,56 @@ def test_files_that_are_not_clip_vits_name_what_they_are(keys, found, tmp_path):
     assert "supported: CLIP ViTs in OpenAI's layout" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_tag_and_cams_run_on_an_open_clip_gelu_checkpoint(tmp_path, monkeypatch):
-    """The whole chain on a GELU model (2 blocks): the paper's blocks carried to its depth, the
-    CAM stage's Grad-CAM through autograd (the written-out pass covers QuickGELU blocks only)."""
+def _projected(features):
+    """transformers 4 returns the projected features; 5 wraps them as ``pooler_output``."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+def _hf_folder(folder, act: str = "gelu"):
+    import transformers  # a test dependency (.ci/run installs it): the independent side
+
+    torch.manual_seed(12)
+    tower = dict(intermediate_size=512, num_hidden_layers=2, hidden_act=act, projection_dim=32)
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=128, num_attention_heads=2, vocab_size=49408, max_position_embeddings=77,
+                         **tower),
+        vision_config=dict(hidden_size=128, num_attention_heads=4, image_size=64, patch_size=16, **tower),
+        projection_dim=32)
+    transformers.CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _open_clip_checkpoint(folder, name: str, fmt: str = "safetensors"):
+    cfg = _cut(name)
+    path = _save(_open_clip_model(cfg, seed=8), cfg, folder, fmt)
+    (path.parent / architecture.OPEN_CLIP_CONFIG_NAME).write_text(json.dumps({"model_cfg": cfg}))
+    return path
+
+
+def _training_checkpoint(folder):
+    """OpenCLIP's training output: ``{"epoch", "name", "state_dict": {"module.…"}, "optimizer"}``."""
+    cfg = _cut("ViT-B-16-quickgelu")
+    model = _open_clip_model(cfg, seed=9)
+    folder.mkdir(parents=True)
+    path = folder / "epoch_3.pt"
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "optimizer": torch.optim.AdamW(model.parameters()).state_dict()}, path)
+    return path
+
+
+CHAIN_CASES = {
+    "open_clip ViT-B-16 (GELU)": lambda d: _open_clip_checkpoint(d, "ViT-B-16"),
+    "open_clip ViT-H-14 (80-wide heads)": lambda d: _open_clip_checkpoint(d, "ViT-H-14", "bin"),
+    "open_clip training checkpoint": _training_checkpoint,
+    "Hugging Face CLIPModel folder": _hf_folder,
+}
+
+
+@pytest.mark.parametrize("case", list(CHAIN_CASES))
+def test_tag_and_cams_run_on_every_supported_kind(case, tmp_path, monkeypatch):
+    """The whole chain on each kind of checkpoint (2 blocks): the paper's blocks carried to its
+    depth; on GELU models the CAM stage's Grad-CAM runs through autograd (the written-out pass
+    covers QuickGELU blocks only)."""
     import numpy as np
     from PIL import Image
 
@@ -306,10 +345,9 @@ def test_tag_and_cams_run_on_an_open_clip_gelu_checkpoint(tmp_path, monkeypatch)
     from pipelines.command import main
 
     monkeypatch.setenv("TAGCLIP_CACHE", str(tmp_path / "cache"))
-    cfg = _cut("ViT-B-16")
-    path = _save(_open_clip_model(cfg, seed=8), cfg, tmp_path / "hub", "safetensors")
-    (path.parent / architecture.OPEN_CLIP_CONFIG_NAME).write_text(json.dumps({"model_cfg": cfg}))
-    assert not written_out_supported(clip.load_clip(path, device="cpu"))
+    path = CHAIN_CASES[case](tmp_path / "model")
+    model = clip.load_clip(path, device="cpu")
+    assert written_out_supported(model) == (model.architecture.activation == QUICK_GELU)
     pics = tmp_path / "pics"
     pics.mkdir()
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(pics / "a.jpg")
