@@ -153,7 +153,7 @@ def test_sigkill_of_the_crf_run_ends_its_pool_workers(tmp_path):
     assert not [w for w in workers if _running(w)]
 
 
-def _crf_run(tmp_path, copies: int = 12):
+def _crf_run(tmp_path, copies: int = 6):
     """eval_cam_with_crf.py --jobs 2 on enough images to outlast the start of the pool."""
     import shutil
 
