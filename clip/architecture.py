@@ -14,12 +14,12 @@ Hugging Face text tower) are refused with one line naming what was found.
 """
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 from typing import Optional, Union
 
-from toolkit.errors import InputError, short_reason
+from toolkit.errors import InputError
+from toolkit.files import read_json_object
 
 from . import hf
 from .model import GELU, HEAD_WIDTH, OPENAI_ARCHITECTURE, QUICK_GELU, Architecture
@@ -79,13 +79,7 @@ def beside(path: pathlib.Path) -> Optional[Architecture]:
     config_path = path.with_name(OPEN_CLIP_CONFIG_NAME)
     if not config_path.is_file():
         return None
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(config_path, f"not a readable OpenCLIP config ({short_reason(exc)})") from None
-    if not isinstance(config, dict):
-        raise InputError(config_path, "not an OpenCLIP config (a JSON object is expected)")
-    return from_open_clip_config(config, str(config_path))
+    return from_open_clip_config(read_json_object(config_path, "OpenCLIP config"), str(config_path))
 
 
 def resolve(path: pathlib.Path, arch: Union[Architecture, str, None], openai_release: bool,

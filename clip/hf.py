@@ -8,14 +8,14 @@ projections transposed; the activation and head counts come from ``config.json``
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 from typing import Mapping, Optional
 
 import torch
 
-from toolkit.errors import InputError, short_reason
+from toolkit.errors import InputError
+from toolkit.files import read_json_object
 
 from .model import GELU, QUICK_GELU, Architecture
 
@@ -103,13 +103,8 @@ def read_config(path: pathlib.Path) -> Optional[dict]:
     config_path = (path if path.is_dir() else path.parent) / CONFIG_NAME
     if not config_path.is_file():
         return None
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(config_path, f"not a readable model config ({short_reason(exc)})") from None
-    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
-        return None
-    return config
+    config = read_json_object(config_path, "model config")
+    return config if config.get("model_type") == MODEL_TYPE else None
 
 
 def architecture(config: dict, source: str) -> Architecture:

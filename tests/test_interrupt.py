@@ -117,28 +117,8 @@ def _running(pid: int) -> bool:
 def test_sigkill_of_the_crf_run_ends_its_pool_workers(tmp_path):
     """eval_cam_with_crf.py --jobs 2 SIGKILLed mid-run: its workers end too (they used to keep
     running, about 470 MB each)."""
-    import shutil
-
-    import eval_helpers as eh
-
-    cams = eh.write_cam_dir("voc2012", tmp_path / "cams0")
-    voc = eh.folder("voc2012")
-    for kind in ("cams", "img", "gt"):
-        (tmp_path / kind).mkdir()
-    ids = []
-    for copy in range(12):  # enough CRF work to outlast the start of the pool
-        for image_id in eh.variant_ids("voc2012"):
-            new = f"{image_id}_{copy}"
-            shutil.copy(cams / f"{image_id}.npy", tmp_path / "cams" / f"{new}.npy")
-            shutil.copy(voc / "JPEGImages" / f"{image_id}.jpg", tmp_path / "img" / f"{new}.jpg")
-            shutil.copy(voc / "SegmentationClass" / f"{image_id}.png", tmp_path / "gt" / f"{new}.png")
-            ids.append(new)
-    (tmp_path / "split.txt").write_text("".join(f"{i}\n" for i in ids))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "eval_cam_with_crf.py"), "--dataset", "voc2012",
-                             "--cam_out_dir", str(tmp_path / "cams"), "--gt_root", str(tmp_path / "gt"),
-                             "--image_root", str(tmp_path / "img"), "--split_file", str(tmp_path / "split.txt"),
-                             "--pseudo_mask_save_path", str(tmp_path / "masks"), "--jobs", "2"],
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+    command, _ = _crf_run(tmp_path, copies=12)  # enough CRF work to outlast the start of the pool
+    proc = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (len(_children(proc.pid)) >= 2 and any((tmp_path / "masks").glob("*.png"))):

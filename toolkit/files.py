@@ -9,6 +9,7 @@ file and a failed write leaves nothing behind. Every problem is an
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -39,6 +40,18 @@ def read_bytes(path, what: str = "file") -> bytes:
         raise InputError(path, f"is a directory, not {_article(what)}") from None
     except OSError as exc:
         raise InputError(path, f"cannot read {what} ({short_reason(exc)})") from None
+
+
+def read_json_object(path, what: str = "config") -> dict:
+    """A user's JSON file holding one object; unreadable or malformed JSON, or another value,
+    is an InputError naming the file."""
+    try:
+        value = json.loads(read_text(path, what))
+    except ValueError as exc:
+        raise InputError(path, f"not a readable {what} ({short_reason(exc)})") from None
+    if not isinstance(value, dict):
+        raise InputError(path, f"not a {what} (a JSON object is expected)")
+    return value
 
 
 def read_text(path, what: str = "file") -> str:
