@@ -1,6 +1,7 @@
 """Benchmark CLIP-ES CAM generation (SPEC §5) on a full-size random ViT-B/16.
 
     python benchmarks/bench_cams.py [--n 8] [--device cpu] [--reference_label_counts] [--rounds 3]
+                                    [--precision bf16 [--allow_slow_precision]]
 
 Builds a ViT-B/16 with random float16 weights from a seed (no download), writes N synthetic
 500×375 JPEGs (model input 384×512, 768 patches), gives each 2–3 random VOC labels (or, with
@@ -16,6 +17,10 @@ fastest pass; the median of every pass is printed too):
 plus the text encoding (VOC: 20 + 25 prompts, once per run), peak host RSS, and, as a
 like-for-like baseline measured in the same run, the reference's schedule executed by our
 code (maps of all blocks kept, default GEMM, one forward + backward per label).
+
+Every figure is printed with the machine it was measured on (CPU model, torch's CPU capability
+and the CPU's bf16/fp16 flags, or the GPU's name); ``--precision`` is settled as the commands
+settle it (``bench_classify.machine_and_precision``).
 
 Ratios are against the authors' code on the same machine kind (2 CPU cores, float32;
 ``shared/golden/REFERENCE_TIMING.md``): 1.59 s per image (median; their images had 1–8
@@ -40,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_classify import IMAGE_WH, make_images  # noqa: E402
+from bench_classify import IMAGE_WH, machine_and_precision, make_images  # noqa: E402
 
 import clip  # noqa: E402
 import clip.kernels as kernels  # noqa: E402
@@ -51,6 +56,7 @@ from clip_es.cams import encode_cam_text, image_text_rows, refine_cams, target_r
 from clip_es.gradcam import gradcam, gradcam_per_target  # noqa: E402
 from clip_es.registry import get_cam_config
 from clip_es.trunk import Trunk, cam_positional_table, encode_trunk  # noqa: E402
+from toolkit.precision import ALLOW_SLOW_FLAG, PRECISION_CHOICES  # noqa: E402
 
 # The authors' code on this machine kind (REFERENCE_TIMING.md / bench_vitb16_cpu.json, cams_voc).
 REF_PER_IMAGE_MEDIAN_S = 1.59
@@ -79,8 +85,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8, help="number of images (default 8, as the reference timing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=tuple(clip.PRECISIONS), default="fp32",
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
                    help="model weights (default fp32, generate_cams.py's default on every device)")
+    p.add_argument(ALLOW_SLOW_FLAG, action="store_true",
+                   help="measure a --precision that is slower than fp32 on this machine (default: refuse, "
+                        "printing the expected factor)")
     p.add_argument("--reference_label_counts", action="store_true",
                    help="use the label counts of the authors' timing run instead of 2-3 per image")
     p.add_argument("--skip_plain", action="store_true",
@@ -90,6 +99,8 @@ def main() -> None:
                    help="passes over the images, alternating with the plain schedule; each image keeps its "
                         "fastest pass, as timeit does, since a shared machine only ever adds time (default 3)")
     args = p.parse_args()
+    device = torch.device(args.device)
+    machine, precision = machine_and_precision(device, args.precision, args.allow_slow_precision)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_cams_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -100,8 +111,6 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks"), str(args.seed), str(ckpt)],
                        check=True)
     ids = make_images(work / "JPEGImages", args.n, args.seed)
-    device = torch.device(args.device)
-    precision = args.precision
     print(f"precision {precision}")
     model = clip.load_clip(str(ckpt), device=device, cache_dir=work / "model_cache",
                       dtype=clip.precision_dtype(precision))
@@ -169,7 +178,7 @@ def main() -> None:
 
     med = statistics.median
     print(f"\n{args.n} images {IMAGE_WH[0]}x{IMAGE_WH[1]} (768 patches), device {args.device}, "
-          f"torch threads {torch.get_num_threads()}, labels per image {n_labels}")
+          f"torch threads {torch.get_num_threads()}, labels per image {n_labels}, precision {precision}; {machine}")
     print(f"text rows (20 + 25 prompts, once): {text_s:.3f} s")
     print(f"each image's fastest of {args.rounds} passes (every pass: median {med(every_pass):.3f} s, "
           f"{REF_PER_IMAGE_MEDIAN_S / med(every_pass):.2f}x; slowest pass median "

@@ -40,6 +40,7 @@ from toolkit.cli import (
     guarded,
     layers_value,
     report_failures,
+    settle_precision,
 )
 from toolkit.errors import InputError, Interrupted
 from toolkit.files import file_stamp
@@ -153,6 +154,7 @@ def _cam_journal(out_dir: Path, key: str, shard: sharding.Shard) -> tuple[CamJou
 def _run_generate_cams(args, shard: sharding.Shard) -> int:
     """Under torchrun every rank writes the CAM files of its share of the images (image j
     goes to rank j mod K); a rank's failures are reported by that rank."""
+    settle_precision(args, shard.device, shard.is_main)  # before the CAM run key holds it
     cfg = get_cam_config(args.dataset)
     entries = read_label_file(args.split_file, args.dataset, len(cfg.class_names), args.gt_split)
     entries = [entries[i] for i in sharding.owned_indices(len(entries), 1, shard)]

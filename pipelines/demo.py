@@ -7,7 +7,7 @@ from pathlib import Path
 from clip.loading import load_model
 from clip.preprocess import load_model_input
 from tagclip.tagger import Tagger
-from toolkit.cli import add_model_arguments
+from toolkit.cli import add_model_arguments, settle_precision
 from toolkit.images import iter_image_files
 
 SAMPLES_DIR = Path(__file__).with_name("samples")
@@ -20,6 +20,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args) -> int:
+    settle_precision(args)
     files = iter_image_files(args.images)
     model = load_model(args.model_path, args.device, args.precision, args.model_cache, args.allow_checkpoint_code,
                        args.arch)

@@ -45,7 +45,7 @@ from tagclip.cli import add_tagging_arguments, method_params, user_vocabulary
 from tagclip.labels import check_scores_path, write_scores
 from tagclip.method import TagCLIPParams
 from tagclip.tagger import Tagger
-from toolkit.cli import check_outputs, layers_value, report_failures
+from toolkit.cli import check_outputs, layers_value, report_failures, settle_precision
 from toolkit.errors import InputError, Interrupted
 from toolkit.files import write_text_atomic
 from toolkit.images import file_size_hw, iter_image_files
@@ -84,6 +84,7 @@ def run_segment(args) -> int:
         raise InputError("--classes", "tagclip segment needs your class names (--classes 'cat,dog' or a file)")
     names, background = user_vocabulary(args.classes, args.background)
     files = iter_image_files(args.img_root)
+    settle_precision(args)  # before anything is written
     check_outputs(args.out)
     if args.scores_out:
         check_scores_path(args.scores_out)

@@ -30,6 +30,7 @@ from toolkit.cli import (
     layers_value,
     positive_int,
     report_failures,
+    settle_precision,
 )
 from toolkit.errors import InputError
 from toolkit.files import read_text, write_text_atomic
@@ -201,6 +202,7 @@ def run_classify(args) -> int:
 
 
 def _run_classify(args, shard: sharding.Shard) -> int:
+    settle_precision(args, shard.device, shard.is_main)  # before anything is keyed by it
     vocab = _Vocabulary(args)
     entries, paths, refused = _image_list(args, vocab)
     check_outputs(args.output_dir, vis_dir=args.vis_dir)

@@ -553,12 +553,12 @@ def test_resume_never_keeps_cams_of_other_settings(voc_folder, tmp_path, capsys)
     fp32 = _cam_files(out)
     assert len(fp32) == len(specs)
     capsys.readouterr()
-    assert _cli(root, label_file, out, "--precision", "bf16") == 0
+    assert _cli(root, label_file, out, "--precision", "bf16", "--allow_slow_precision") == 0
     assert "resuming" not in capsys.readouterr().out
     bf16 = _cam_files(out)
     assert all(bf16[name][0] != fp32[name][0] for name in fp32)       # every file rewritten
     assert any(bf16[name][1] != fp32[name][1] for name in fp32)       # with other numbers
-    assert _cli(root, label_file, out, "--precision", "bf16") == 0  # same settings: all kept
+    assert _cli(root, label_file, out, "--precision", "bf16", "--allow_slow_precision") == 0  # same settings: all kept
     assert f"resuming: {len(specs)} CAM file(s)" in capsys.readouterr().out
     assert _cam_files(out) == bf16
 
@@ -567,7 +567,7 @@ def test_resume_never_keeps_cams_of_other_settings(voc_folder, tmp_path, capsys)
     assert generate_cams_main([
         "--dataset", "voc2012", "--img_root", str(root / "JPEGImages"), "--split_file", str(label_file),
         "--model", str(other), "--cam_out_dir", str(out), "--model_cache", str(tmp_path / "mc"),
-        "--device", "cpu", "--precision", "bf16"]) == 0
+        "--device", "cpu", "--precision", "bf16", "--allow_slow_precision"]) == 0
     assert "resuming" not in capsys.readouterr().out
     assert all(_cam_files(out)[name][0] != bf16[name][0] for name in bf16)
 

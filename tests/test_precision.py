@@ -103,7 +103,8 @@ def test_precision_names():
     with pytest.raises(ValueError):
         clip.precision_dtype("fp8")
     choices = next(a.choices for a in tagclip_cli.classify_parser()._actions if a.dest == "precision")
-    assert tuple(clip.PRECISIONS) == tuple(choices) == ("fp32", "fp16", "bf16")
+    assert tuple(clip.PRECISIONS) == ("fp32", "fp16", "bf16")
+    assert tuple(choices) == (*clip.PRECISIONS, "auto")  # auto: resolved per device (test_precision_choice.py)
 
 
 def test_attention_maps_are_float32_for_a_bf16_model():
@@ -235,7 +236,9 @@ def test_classify_cli_bf16_writes_label_file(tmp_path, monkeypatch, capsys):
     img_root, split, ids = _small_voc(tmp_path)
     rc = classify_main(["--img_root", str(img_root), "--split_file", str(split), "--model_path",
                         str(helpers.TINY_CHECKPOINT), "--device", "cpu", "--precision", "bf16",
-                        "--model_cache", str(tmp_path / "mc"), "--output_dir", str(tmp_path / "out"), "--scores_out", str(tmp_path / "s.npy")])
+                        "--model_cache", str(tmp_path / "mc"), "--output_dir", str(tmp_path / "out"),
+                        "--scores_out", str(tmp_path / "s.npy"),
+                        "--allow_slow_precision"])  # runs on CPUs without native bf16 too (issue 15)
     out = capsys.readouterr()
     assert rc == 0, out.err
     lines = (tmp_path / "out" / "voc2007_val_tagclip.txt").read_text(encoding="utf-8").splitlines()
@@ -253,7 +256,7 @@ def test_classify_cli_bf16_writes_label_file(tmp_path, monkeypatch, capsys):
 def test_precision_flag_in_help(capsys):
     with pytest.raises(SystemExit):
         classify_main(["--help"])
-    assert "--precision {fp32,fp16,bf16}" in capsys.readouterr().out
+    assert "--precision {fp32,fp16,bf16,auto}" in capsys.readouterr().out
     assert "--precision" in generate_cams_parser().format_help()
 
 
@@ -264,7 +267,8 @@ def test_generate_cams_cli_bf16(tmp_path):
     rc = generate_cams_main(["--dataset", "voc2012", "--img_root",
                              str(helpers.golden_image_path("voc2007", iid).parent), "--split_file", str(split),
                              "--cam_out_dir", str(tmp_path / "cams"), "--model", str(helpers.TINY_CHECKPOINT),
-                             "--model_cache", str(tmp_path / "mc"), "--device", "cpu", "--precision", "bf16"])
+                             "--model_cache", str(tmp_path / "mc"), "--device", "cpu", "--precision", "bf16",
+                             "--allow_slow_precision"])
     assert rc == 0
     keys, maps = CF.load_cam(CF.cam_path(tmp_path / "cams", iid))
     assert keys.tolist() == list(labels) and maps.dtype == np.float16

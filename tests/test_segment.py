@@ -106,7 +106,13 @@ def _flag_cases(tmp_path: Path, folder: Path):
                          == sorted(SIZES)),
         "--model_path": (["--model_path", str(other_ckpt)], lambda base, rc, got, err, calls: _differs(base, got)),
         "--device": (["--device", "bogus"], lambda base, rc, got, err, calls: rc == 2 and "bogus" in err),
-        "--precision": (["--precision", "bf16"], lambda base, rc, got, err, calls: _differs(base, got)),
+        # on a CPU without native bf16 (the test stubs the flag reader to one): refused, one line ...
+        "--precision": (["--precision", "bf16"],
+                        lambda base, rc, got, err, calls: rc == 2 and err.count("\n") == 1 and "slower" in err),
+        # ... run when confirmed, with a warning, in bf16
+        "--allow_slow_precision": (["--precision", "bf16", "--allow_slow_precision"],
+                                   lambda base, rc, got, err, calls: rc == 0 and "warning: --precision bf16" in err
+                                   and _differs(base, got)),
         "--batch_size": (["--batch_size", "1"],
                          lambda base, rc, got, err, calls: calls == [1, 1, 1] and not _differs(base, got)),
         "--on_error": (["--on_error", "skip", str(broken)],
@@ -164,6 +170,7 @@ def test_every_accepted_segment_flag_changes_something(folder, tmp_path, monkeyp
 
     from pipelines.segment import add_segment_arguments
     from tagclip.tagger import Tagger
+    from toolkit import precision
 
     parser = argparse.ArgumentParser()
     add_segment_arguments(parser)
@@ -181,6 +188,8 @@ def test_every_accepted_segment_flag_changes_something(folder, tmp_path, monkeyp
         return scores(self, images)
 
     monkeypatch.setattr(Tagger, "scores", counting)
+    monkeypatch.setattr(precision, "read_cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))
+    monkeypatch.setattr(precision, "cpu_capability", lambda: "AVX2")
     base = _baseline_of(folder, tmp_path)
     for flag, (extra, check) in cases.items():
         calls.clear()

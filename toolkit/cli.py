@@ -19,7 +19,7 @@ import traceback
 from typing import Callable, Sequence
 
 from .depths import parse_layers
-from .devices import DEFAULT_PRECISION, PRECISIONS
+from .devices import DEFAULT_PRECISION, resolve_device
 from .errors import (
     EXIT_INPUT_ERROR,
     EXIT_INTERNAL_ERROR,
@@ -31,6 +31,7 @@ from .errors import (
 )
 from .files import writable_dir
 from .images import DEFAULT_MAX_SIDE
+from .precision import ALLOW_SLOW_FLAG, EMULATED_CPU_FACTOR, PRECISION_CHOICES, resolve_precision
 
 # The paper's backbone, every command's default model.
 DEFAULT_MODEL = "ViT-B/16"
@@ -98,7 +99,8 @@ def finite_float(text: str) -> float:
 
 def add_model_arguments(p: argparse.ArgumentParser, names: Sequence[str] = ("--model_path",)) -> None:
     """The model flags of every command that loads one: ``--model_path`` (``names``: its
-    spellings), ``--device``, ``--precision``, ``--model_cache``, ``--allow_checkpoint_code``."""
+    spellings), ``--device``, ``--precision`` and ``--allow_slow_precision``
+    (:mod:`toolkit.precision`), ``--model_cache``, ``--allow_checkpoint_code``."""
     p.add_argument(*names, dest="model_path", default=DEFAULT_MODEL,
                    help="OpenAI model name (downloaded to the cache, SHA256 checked), a checkpoint file "
                         "(TorchScript archive, state dict, .safetensors or .npz) or a Hugging Face CLIPModel "
@@ -108,15 +110,29 @@ def add_model_arguments(p: argparse.ArgumentParser, names: Sequence[str] = ("--m
                         "ViT-B-16 or ViT-H-14 (default: open_clip_config.json beside the file, else OpenAI's CLIP, "
                         "with a warning unless the file is one of OpenAI's releases)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default=DEFAULT_PRECISION,
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=DEFAULT_PRECISION,
                    help="model weights in float32 (default, the paper's setting, on every device), float16 or "
-                        "bfloat16; attention maps, LayerNorms and every step after the forwards stay float32 "
+                        "bfloat16; attention maps, LayerNorms and every step after the forwards stay float32; "
+                        "auto: bf16 where this device multiplies it natively, else fp16 on a GPU, else fp32 "
                         "(README 'Precision': what each mode changes, and by how much)")
+    p.add_argument(ALLOW_SLOW_FLAG, action="store_true",
+                   help="run a --precision that is slower than fp32 on this device (bf16 or fp16 emulated on a "
+                        f"CPU: bf16 on AVX2 is about {EMULATED_CPU_FACTOR['bf16']:.0f}x slower); without it such a "
+                        "run stops before the model loads, with one line saying by how much")
     p.add_argument("--model_cache", default=None, help="checkpoint cache folder (default ~/.cache/clip)")
     p.add_argument(ALLOW_CODE_FLAG, action="store_true",
                    help="load a TorchScript checkpoint with TorchScript itself, which RUNS CODE stored in the file; "
                         "only for a file you trust (default: its tensors are read as data; OpenAI's releases and "
                         "state-dict files never need this)")
+
+
+def settle_precision(args, device=None, announce: bool = True) -> None:
+    """``args.precision`` made concrete for the run's device (default: ``--device`` resolved),
+    before anything is keyed by it or the model loads: ``auto`` resolved, a precision slower
+    than fp32 there stopped unless ``--allow_slow_precision`` (:func:`toolkit.precision.resolve_precision`).
+    ``announce``: print its stderr line (one process of a sharded run does)."""
+    device = resolve_device(args.device) if device is None else device
+    args.precision = resolve_precision(args.precision, device, args.allow_slow_precision, announce)
 
 
 def add_on_error_argument(p: argparse.ArgumentParser, what: str = "an image that cannot be read") -> None:

@@ -1,7 +1,8 @@
 """Devices and precisions: the names users give on the command line and what they become.
 
 ``--device`` names a torch device (checked to exist before any work starts) and
-``--precision`` the dtype of the model's weights.
+``--precision`` the dtype of the model's weights (``auto``, and what a low precision costs on
+a device: :mod:`toolkit.precision`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def precision_dtype(name: str) -> torch.dtype:
     try:
         return PRECISIONS[name]
     except KeyError:
-        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}") from None
+        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)} (auto is resolved "
+                         f"for a device first: toolkit.precision.resolve_precision)") from None
 
 
 def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
