@@ -1,4 +1,4 @@
-"""The ``tagclip`` command: ``tagclip {classify,tag,segment,demo,prepare} ...``."""
+"""The ``tagclip`` command: ``tagclip {classify,tag,segment,demo,app,prepare} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from tagclip.registry import DATASETS
 from toolkit.cli import HelpFormatter, guarded
 
 from . import datasets
+from .app import add_app_arguments, run_app
 from .demo import add_demo_arguments, run_demo
 from .segment import add_segment_arguments, run_segment
 
@@ -34,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter))
     add_demo_arguments(sub.add_parser(
         "demo", help="tag the bundled sample images with the VOC and COCO vocabularies", formatter_class=HelpFormatter))
+    add_app_arguments(sub.add_parser(
+        "app", help="a local web page to tag and segment your own images (needs the [app] extra)",
+        formatter_class=HelpFormatter))
     sub.add_parser("prepare", help="write or check a paper dataset's split file from its official release",
                    add_help=False)
     return p
@@ -49,6 +53,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return guarded(run_classify, args)
     if args.command == "segment":
         return guarded(run_segment, args)
+    if args.command == "app":
+        return guarded(run_app, args)
     return guarded(run_demo, args)
 
 

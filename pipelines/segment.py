@@ -21,8 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -44,7 +47,8 @@ from clip_es.registry import (
 from tagclip.cli import add_tagging_arguments, method_params, user_vocabulary
 from tagclip.labels import check_scores_path, write_scores
 from tagclip.method import TagCLIPParams
-from tagclip.tagger import Tagger
+from tagclip.registry import REL_THRESHOLD
+from tagclip.tagger import DEFAULT_BATCH_SIZE, Tagger
 from toolkit.cli import check_outputs, layers_value, report_failures, settle_precision
 from toolkit.errors import InputError, Interrupted
 from toolkit.files import write_text_atomic
@@ -92,21 +96,81 @@ def run_segment(args) -> int:
         return _segment_locked(args, names, background, files)
 
 
+def open_cam_config(names: Sequence[str], background: Sequence[str], depth: int,
+                    affinity_layers: Optional[Sequence[int]] = None) -> CamConfig:
+    """The CAM stage's settings for an open vocabulary (this module's docstring) and a vision
+    tower of ``depth`` blocks; ValueError for an affinity block the tower does not have."""
+    names = tuple(names)
+    return CamConfig(names, tuple(background) or COCO_STUFF_CAM_BACKGROUND, COCO_AFFINITY_LAYERS,
+                     COCO_CAM_BOX_THRESHOLD, len(names) + 1, names).for_depth(depth, affinity_layers)
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """One image through tags -> CAMs -> label map."""
+    labels: list[int]            # TagCLIP's tags: indices into the class names
+    keys: np.ndarray             # the CAM classes (the tags), as in the CAM files
+    attn_highres: np.ndarray     # (K, H, W) refined CAMs at the image's (H, W)
+    label_map: np.ndarray        # (H, W) uint8: 0 background, 1 + class index
+    confidence: np.ndarray       # (H, W) the winning score of every pixel
+
+
+class Segmenter:
+    """TagCLIP's tags, then CLIP-ES's CAMs of them, then a label map: what ``tagclip segment``
+    and ``tagclip app`` do with every image, over one vocabulary. Text features of both stages
+    are encoded once, here.
+
+    The open-vocabulary choices of this module's docstring apply: the CAM stage uses the
+    class names as given, ``background`` or else the word ``background``, and the COCO
+    affinity blocks and box threshold (``affinity_layers`` overrides the blocks).
+    """
+
+    def __init__(self, model, names: Sequence[str], background: Sequence[str] = (),
+                 params: TagCLIPParams = TagCLIPParams(), label_threshold: float = REL_THRESHOLD,
+                 refine_layers: Optional[Sequence[int]] = None, cam_config: Optional[CamConfig] = None,
+                 use_text_cache: bool = True, batch_size: int = DEFAULT_BATCH_SIZE):
+        """``cam_config``: the CAM stage's settings (default :func:`open_cam_config` for this
+        model). ValueError for a bad vocabulary (:func:`tagclip.tagger.check_vocabulary`)."""
+        self.model = model
+        self.tagger = Tagger(model, names, background, params=method_params(params, refine_layers, model),
+                             label_threshold=label_threshold, use_text_cache=use_text_cache,
+                             batch_size=batch_size)
+        names, background = self.tagger.class_names, self.tagger.background
+        self.attention = AttentionSchedule.for_device(self.tagger.device)
+        self.cam_config = cam_config or open_cam_config(names, background, model.visual.transformer.layers)
+        self.eval_config = EvalConfig("custom", ("background", *names), True, tuple(range(1, len(names) + 1)))
+        self.cam_text = encode_cam_text(model, self.cam_config)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.tagger.class_names
+
+    def segment(self, image: torch.Tensor, size_hw: tuple[int, int], scores: torch.Tensor,
+                crf_bgr: Optional[np.ndarray] = None) -> SegmentResult:
+        """One image: its model input, the (H, W) of the maps, its row of :meth:`Tagger.scores`;
+        ``crf_bgr``: the 8-bit BGR image at (H, W) to refine the label map with the dense CRF
+        (None: the argmax with the background score)."""
+        labels = self.tagger.labels(scores[None])[0]
+        cams = compute_cams(self.model, image.to(self.tagger.device), labels, self.cam_text, self.cam_config,
+                            size_hw, self.attention)
+        if crf_bgr is not None:
+            label_map, confidence = crf_predict(cams.keys, cams.attn_highres, crf_bgr, self.eval_config)
+        else:
+            label_map, confidence = predict(cams.keys, cams.attn_highres, self.eval_config)
+        return SegmentResult(labels, cams.keys, cams.attn_highres, label_map, confidence)
+
+
 def _segment_locked(args, names, background, files) -> int:
     """The run, with the output folder locked against another segment run into it."""
     model = load_model(args.model_path, args.device, args.precision, args.model_cache, args.allow_checkpoint_code,
                        args.arch)
-    tagger = Tagger(model, names, background, params=method_params(TagCLIPParams(), args.refine_layers, model),
-                    use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
-    attention = AttentionSchedule.for_device(tagger.device)
-    cam_cfg = CamConfig(names, background or COCO_STUFF_CAM_BACKGROUND,
-                        COCO_AFFINITY_LAYERS, COCO_CAM_BOX_THRESHOLD, len(names) + 1, names)
     try:
-        cam_cfg = cam_cfg.for_depth(model.visual.transformer.layers, args.affinity_layers)
+        cam_config = open_cam_config(names, background, model.visual.transformer.layers, args.affinity_layers)
     except ValueError as err:
         raise InputError("--affinity_layers", str(err)) from None
-    eval_cfg = EvalConfig("custom", ("background", *names), True, tuple(range(1, len(names) + 1)))
-    cam_text = encode_cam_text(model, cam_cfg)
+    segmenter = Segmenter(model, names, background, refine_layers=args.refine_layers, cam_config=cam_config,
+                          use_text_cache=not args.no_text_cache, batch_size=args.batch_size)
+    tagger = segmenter.tagger
     out = Path(args.out)
     failures: list[InputError] = []
     tags: dict[str, dict[str, float]] = {}
@@ -118,18 +182,14 @@ def _segment_locked(args, names, background, files) -> int:
         failures.append(err)
 
     def segment_one(image_id: str, path: Path, tensor, size_hw, row) -> None:
-        labels = tagger.labels(row[None])[0]
-        tags[image_id] = {names[c]: round(float(row[c]), LEGEND_SCORE_DIGITS) for c in labels}
-        result = compute_cams(model, tensor.to(tagger.device), labels, cam_text, cam_cfg, size_hw, attention)
-        if args.crf:
-            label_map, confidence = crf_predict(result.keys, result.attn_highres, read_bgr(path), eval_cfg)
-        else:
-            label_map, confidence = predict(result.keys, result.attn_highres, eval_cfg)
+        result = segmenter.segment(tensor, size_hw, row, read_bgr(path) if args.crf else None)
+        tags[image_id] = {names[c]: round(float(row[c]), LEGEND_SCORE_DIGITS) for c in result.labels}
         save_cam(out / "cams" / f"{image_id}.npy", result.keys, result.attn_highres)
-        write_label_png(out / "masks" / f"{image_id}.png", label_map,
-                        confidence if args.confidence_threshold is not None else None,
+        write_label_png(out / "masks" / f"{image_id}.png", result.label_map,
+                        result.confidence if args.confidence_threshold is not None else None,
                         args.confidence_threshold)
-        mask_comparison(path, label_map, None, eval_cfg.class_names, out / "overlays" / f"{image_id}.png",
+        mask_comparison(path, result.label_map, None, segmenter.eval_config.class_names,
+                        out / "overlays" / f"{image_id}.png",
                         title=f"{image_id} ({'CRF' if args.crf else 'no CRF'}): " + ", ".join(tags[image_id]))
 
     try:

@@ -298,3 +298,25 @@ def test_bar_chart_marks_classes_left_out_of_the_mean(tmp_path):
     assert meta["labels"] == ["a", "b (not in GT)"]
     colours = {tuple(c) for c in _rgb(tmp_path / "c.png").reshape(-1, 3)}
     assert absent in colours
+
+
+def test_mask_overlay_blends_the_labels_and_adds_their_legend(tmp_path):
+    h, w = 40, 60
+    image = np.full((h, w, 3), 100, dtype=np.uint8)
+    labels = np.zeros((h, w), dtype=np.uint8)
+    labels[10:30, 20:50] = 2          # a block of class 2
+    labels[0:5, 0:5] = 255            # ignored pixels
+    info = vis.mask_overlay(image, labels, ["background", "cat", "dog"], tmp_path / "o.png")
+    assert [(lab, name) for lab, name, _ in info["legend"]] == [(0, "background"), (2, "dog"), (255, "ignore")]
+    out = np.asarray(Image.open(tmp_path / "o.png").convert("RGB")).astype(int)
+    assert out.shape[1] == w and out.shape[0] == info["size"][1] > h   # the legend below the picture
+    dog = voc_colormap(256)[2].astype(int)
+    # inside the block (away from its border): 0.5 image + 0.5 colour, rounded half up
+    np.testing.assert_array_equal(out[20, 35], np.floor(0.5 * 100 + 0.5 * dog + 0.5).astype(int))
+    np.testing.assert_array_equal(out[35, 5], [100, 100, 100])        # background: the picture itself
+    np.testing.assert_array_equal(out[29, 35], list(vis.OUTLINE_RGB))  # the block's lower border
+
+
+def test_mask_overlay_refuses_a_mask_of_another_size(tmp_path):
+    with pytest.raises(ValueError, match="differs from the mask"):
+        vis.mask_overlay(np.zeros((10, 10, 3), np.uint8), np.zeros((10, 12), np.uint8), ["bg"], tmp_path / "o.png")

@@ -3,6 +3,7 @@
 * :func:`draw_tags` - an image with its predicted tags and scores written on it;
 * :func:`cam_overlays` - one jet heat-map overlay per CAM class;
 * :func:`mask_comparison` - image | prediction | ground truth, VOC palette, colour legend;
+* :func:`mask_overlay` - a label map drawn over its image, colour legend below;
 * :func:`bar_chart` - per-class AP or IoU as horizontal bars (NaN shown as missing).
 
 Matplotlib is used through :class:`matplotlib.figure.Figure` and the Agg canvas directly, so
@@ -42,6 +43,10 @@ OUTLINE_RGB = (255, 255, 255)         # mask_comparison: region borders (no pale
 CAPTION_H = 22                        # cam_overlays: the class-name band above the picture, in pixels
 COLOUR_BAR_H = 12                     # cam_overlays: the 0..1 colour bar below the picture
 IGNORE_NAME = "ignore"
+MASK_ALPHA = 0.5                      # mask_overlay: weight of the label colours over the image
+LEGEND_ROW_H = 20                     # mask_overlay: one legend entry's height, in pixels
+LEGEND_SWATCH = 14                    # mask_overlay: the colour square of a legend entry
+LEGEND_ENTRY_W = 170                  # mask_overlay: one legend column's width, in pixels
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -238,6 +243,55 @@ def _outlined(labels: np.ndarray, palette: np.ndarray, size: tuple[int, int]) ->
     return Image.fromarray(panel, mode="RGB")
 
 
+def legend_entries(labels, class_names: Sequence[str], palette: np.ndarray) -> list[tuple[int, str, tuple]]:
+    """``(label, name, (r, g, b))`` of every label in ``labels``, ascending; 255 is "ignore"."""
+    entries = []
+    for label in sorted(set(int(v) for v in labels)):
+        if label == IGNORE_LABEL:
+            name = IGNORE_NAME
+        elif 0 <= label < len(class_names):
+            name = str(class_names[label])
+        else:
+            name = f"label {label}"
+        entries.append((label, name, tuple(int(c) for c in palette[label])))
+    return entries
+
+
+def mask_overlay(image: ImageLike, labels: np.ndarray, class_names: Sequence[str], out_path) -> dict:
+    """The label map over its image: the VOC palette's colours blended with weight
+    :data:`MASK_ALPHA` (background, label 0, left as the image), region borders in white, at
+    most :data:`MAX_PANEL_SIDE` on the longer side, above a legend of the labels present.
+    Returns ``{"size": (W, H), "legend": [(label, name, (r, g, b)), ...]}``."""
+    labels = np.asarray(labels, dtype=np.uint8)
+    if labels.ndim != 2:
+        raise ValueError(f"a label map is 2-D, got shape {labels.shape}")
+    base = load_rgb(image)
+    height, width = labels.shape
+    if base.size != (width, height):
+        raise ValueError(f"image size {base.size} differs from the mask's {(width, height)}")
+    palette = voc_colormap(256)
+    size = _panel_size(width, height)
+    small = np.asarray(Image.fromarray(labels).resize(size, Image.NEAREST))
+    pixels = np.asarray(base.resize(size, Image.BILINEAR) if size != base.size else base, dtype=np.float32)
+    colours = palette[small].astype(np.float32)
+    blend = np.where((small > 0)[..., None], (1.0 - MASK_ALPHA) * pixels + MASK_ALPHA * colours, pixels)
+    blend[region_borders(small)] = OUTLINE_RGB
+    legend = legend_entries(np.unique(labels).tolist(), class_names, palette)
+    columns = max(1, size[0] // LEGEND_ENTRY_W)
+    rows = math.ceil(len(legend) / columns)
+    out = Image.new("RGB", (size[0], size[1] + rows * LEGEND_ROW_H + LEGEND_ROW_H // 2), (255, 255, 255))
+    out.paste(Image.fromarray(np.clip(blend + 0.5, 0, 255).astype(np.uint8), mode="RGB"), (0, 0))
+    draw = ImageDraw.Draw(out)
+    font = _font(LEGEND_SWATCH - 1)
+    for i, (label, name, rgb) in enumerate(legend):
+        x = 4 + (i % columns) * LEGEND_ENTRY_W
+        y = size[1] + LEGEND_ROW_H // 2 + (i // columns) * LEGEND_ROW_H
+        draw.rectangle([x, y, x + LEGEND_SWATCH, y + LEGEND_SWATCH], fill=rgb, outline=(0, 0, 0))
+        draw.text((x + LEGEND_SWATCH + 5, y), f"{label} {name}", font=font, fill=(0, 0, 0))
+    _save_image(out, out_path)
+    return {"size": out.size, "legend": legend}
+
+
 def mask_comparison(image: Optional[ImageLike], pred: np.ndarray, gt: Optional[np.ndarray],
                     class_names: Sequence[str], out_path, title: Optional[str] = None) -> dict:
     """image | prediction | ground truth side by side (VOC palette), legend of the classes present.
@@ -270,15 +324,7 @@ def mask_comparison(image: Optional[ImageLike], pred: np.ndarray, gt: Optional[n
             raise ValueError(f"GT shape {gt.shape} differs from the prediction's {pred.shape}")
         panels.append(("ground truth", _outlined(gt, palette, (pw, ph))))
         present |= set(np.unique(gt).tolist())
-    legend = []
-    for label in sorted(present):
-        if label == IGNORE_LABEL:
-            name = IGNORE_NAME
-        elif 0 <= label < len(class_names):
-            name = str(class_names[label])
-        else:
-            name = f"label {label}"
-        legend.append((int(label), name, tuple(int(c) for c in palette[label])))
+    legend = legend_entries(present, class_names, palette)
 
     gap, top = 10, 30
     ncol = max(1, (len(panels) * (pw + gap)) // 150)
@@ -363,4 +409,5 @@ def bar_chart(names: Sequence[str], values: Sequence[float], title: str, out_pat
     return {"size": (width_px, height_px), "missing": [nm for nm, m in zip(names, missing) if m], "labels": labels}
 
 
-__all__ = ["draw_tags", "cam_overlays", "mask_comparison", "bar_chart", "heatmap_rgb", "load_rgb", "safe_name"]
+__all__ = ["draw_tags", "cam_overlays", "mask_comparison", "mask_overlay", "legend_entries", "bar_chart", "heatmap_rgb",
+           "load_rgb", "safe_name"]
