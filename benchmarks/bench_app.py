@@ -10,6 +10,7 @@ Measures, on N synthetic 500×375 JPEGs and the four-word vocabulary below:
   torch and Gradio imports, model load, server start);
 * one request of N images through ``gradio_client``, first with the vocabulary new to the
   server (its text features encoded), then again (cached): seconds per image;
+* of that, the time inside the page's function (from its status line) and in Gradio and HTTP;
 * the same images in-process with :class:`pipelines.segment.Segmenter` (scores, CAMs and the
   label map, no pictures, no zip, no HTTP): the page's ratio over the library;
 * the server's peak memory (resident set, from ``/proc``).
@@ -104,12 +105,13 @@ def main() -> None:
     proc, startup, url = start_app(ckpt, args.device, args.port, env)
     try:
         client = Client(url, verbose=False)
-        timings = []
+        timings, inside = [], []
         for _ in range(2):
             t0 = time.perf_counter()
-            client.predict([handle_file(str(x)) for x in images], CLASSES, BACKGROUND, "voc2007", False,
-                           api_name="/run")
+            status = client.predict([handle_file(str(x)) for x in images], CLASSES, BACKGROUND, "voc2007", False,
+                                    api_name="/run")[0]
             timings.append(time.perf_counter() - t0)
+            inside.append(float(status.split(" in ", 1)[1].split(" s.", 1)[0]))  # "... image(s) in 9.1 s."
         server_peak = peak_rss_mb(proc.pid)
     finally:
         proc.terminate()
@@ -125,10 +127,14 @@ def main() -> None:
     library = (time.perf_counter() - t0) / args.n
 
     cold, warm = timings[0] / args.n, timings[1] / args.n
+    sys.stderr.flush()
+    print()  # below the progress bars
     print(f"start-up (process start to URL): {startup:.1f} s   [{machine}]")
     print(f"per image, vocabulary new to the server: {cold:.2f} s; cached: {warm:.2f} s   [{machine}]")
     print(f"per image, library alone (Segmenter): {library:.2f} s; page / library: {warm / library:.2f}x   "
           f"[{machine}]")
+    print(f"of the cached request's {timings[1]:.1f} s, {inside[1]:.1f} s inside the page's function (tags, CAMs, "
+          f"pictures, zip), {timings[1] - inside[1]:.1f} s in Gradio and HTTP (uploads, previews, the zip's download)")
     print(f"server peak memory (RSS): {server_peak:.0f} MB")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -36,8 +37,14 @@ _session_cache_dir: "str | None" = None
 
 
 def pytest_configure(config):
-    """Before collection: both cache variables point into one temporary folder of the run."""
+    """Before collection: both cache variables point into one temporary folder of the run;
+    Ctrl+C heard again where the run was started ignoring it."""
     global _session_cache_dir
+    # A job started with `&` by a non-interactive shell (nohup, CI wrappers) ignores SIGINT, and
+    # exec'd children inherit an ignored signal: the Ctrl+C tests' subprocesses would never see
+    # theirs. Python's own handler is reset to the default in children, so they hear it again.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     _session_cache_dir = tempfile.mkdtemp(prefix="tagclip-test-session-cache-")
     values = {"TAGCLIP_CACHE": os.path.join(_session_cache_dir, "tagclip"),
               "XDG_CACHE_HOME": os.path.join(_session_cache_dir, "xdg")}

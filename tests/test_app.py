@@ -327,3 +327,10 @@ def test_the_command_s_flags_reach_the_engine_and_the_server(monkeypatch, capsys
     assert not engine.workdir.exists()  # the results folder goes with the server
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("tagclip app: http://localhost:0/ (model ")
+
+
+def test_progress_is_reported_per_image(engine, pics):
+    seen = []
+    engine.run([str(pics["cat"]), str(pics["coffee"])], CLASSES, progress=lambda f, text: seen.append((f, text)))
+    assert seen == [(0.0, "text features"), (0.0, f"image 1 of 2: {pics['cat'].name}"),
+                    (0.5, f"image 2 of 2: {pics['coffee'].name}"), (1.0, "writing the results")]
