@@ -417,8 +417,12 @@ def check_address(host: str, port: int) -> None:
     """InputError naming ``host:port`` when the app could not listen there (a taken port, an
     address that is not this machine's); found by binding it for a moment."""
     try:
-        with socket.create_server((host, port)):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv4 or IPv6, as the name says
+        with socket.create_server((host, port), family=family):
             pass
+    except socket.gaierror as err:  # a name that does not resolve
+        raise InputError(f"{host}:{port}", f"cannot listen there ({short_reason(err)}); choose another --host"
+                         ) from None
     except OSError as err:  # create_server appends the address to strerror; the message names it already
         reason = os.strerror(err.errno) if err.errno else short_reason(err)
         raise InputError(f"{host}:{port}", f"cannot listen there ({reason}); choose another --port or --host") from None

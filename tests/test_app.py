@@ -334,3 +334,15 @@ def test_progress_is_reported_per_image(engine, pics):
     engine.run([str(pics["cat"]), str(pics["coffee"])], CLASSES, progress=lambda f, text: seen.append((f, text)))
     assert seen == [(0.0, "text features"), (0.0, f"image 1 of 2: {pics['cat'].name}"),
                     (0.5, f"image 2 of 2: {pics['coffee'].name}"), (1.0, "writing the results")]
+
+
+def test_an_address_the_app_cannot_listen_on_is_one_input_error():
+    from toolkit.errors import InputError
+
+    not_here = r"^192\.0\.2\.1:7860: cannot listen there \(Cannot assign requested address\)"
+    with pytest.raises(InputError, match=not_here):
+        A.check_address("192.0.2.1", 7860)  # TEST-NET-1: never this machine's
+    with pytest.raises(InputError, match=r"^no-such-host\.invalid:7860: cannot listen there \(.+\); choose another "
+                                         r"--host$"):
+        A.check_address("no-such-host.invalid", 7860)
+    A.check_address("127.0.0.1", 0)  # any free port of this machine: no error
