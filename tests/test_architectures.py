@@ -180,11 +180,8 @@ def test_tag_and_cams_use_the_models_patch(patch, resolution, tmp_path, monkeypa
     import numpy as np
     from PIL import Image
 
-    from clip_es.cam_files import load_cam
-    from clip_es.cli import generate_cams_main
     from clip_es.registry import get_cam_config
     from clip_es.trunk import encode_trunk
-    from pipelines.command import main
     from tagclip import Tagger
 
     monkeypatch.setenv("TAGCLIP_CACHE", str(tmp_path / "cache"))
@@ -202,13 +199,7 @@ def test_tag_and_cams_use_the_models_patch(patch, resolution, tmp_path, monkeypa
     trunk = encode_trunk(model, x, get_cam_config("voc2012").affinity_layers)
     assert trunk.grid == (x.shape[1] // patch, x.shape[2] // patch)
     assert Tagger(model, ["cat", "dog"]).patch_size == patch
-    assert main(["tag", str(pics), "--classes", "cat,dog", "--model_path", str(ckpt), "--device", "cpu",
-                 "--output_dir", str(tmp_path / "out"), "--quiet"]) == 0
-    (tmp_path / "labels.txt").write_text("a 0 14\n", encoding="utf-8")
-    assert generate_cams_main(["--dataset", "voc2012", "--img_root", str(pics), "--split_file",
-                               str(tmp_path / "labels.txt"), "--model_path", str(ckpt), "--cam_out_dir",
-                               str(tmp_path / "cams"), "--device", "cpu"]) == 0
-    keys, maps = load_cam(tmp_path / "cams" / "a.npy")
+    keys, maps = _tag_then_cams(ckpt, pics, tmp_path, "a 0 14")
     assert keys.tolist() == [0, 14] and maps.shape == (2, h, w)
 
 
@@ -286,6 +277,22 @@ def test_files_that_are_not_clip_vits_name_what_they_are(keys, found, tmp_path):
     assert "supported: CLIP ViTs in OpenAI's layout" in str(info.value) and "\n" not in str(info.value)
 
 
+def _tag_then_cams(ckpt, pics, tmp_path, label_line: str):
+    """``tagclip tag`` on the folder, then ``generate_cams.py`` (VOC 2012) on one label-file line;
+    the (keys, maps) of the CAM file of image ``a``."""
+    from clip_es.cam_files import load_cam
+    from clip_es.cli import generate_cams_main
+    from pipelines.command import main
+
+    assert main(["tag", str(pics), "--classes", "cat,dog", "--model_path", str(ckpt), "--device", "cpu",
+                 "--output_dir", str(tmp_path / "out"), "--quiet"]) == 0
+    (tmp_path / "labels.txt").write_text(label_line + "\n", encoding="utf-8")
+    assert generate_cams_main(["--dataset", "voc2012", "--img_root", str(pics), "--split_file",
+                               str(tmp_path / "labels.txt"), "--model_path", str(ckpt), "--cam_out_dir",
+                               str(tmp_path / "cams"), "--device", "cpu"]) == 0
+    return load_cam(tmp_path / "cams" / "a.npy")
+
+
 def _projected(features):
     """transformers 4 returns the projected features; 5 wraps them as ``pooler_output``."""
     return features if isinstance(features, torch.Tensor) else features.pooler_output
@@ -339,10 +346,7 @@ def test_tag_and_cams_run_on_every_supported_kind(case, tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from clip_es.cam_files import load_cam
-    from clip_es.cli import generate_cams_main
     from clip_es.gradcam import written_out_supported
-    from pipelines.command import main
 
     monkeypatch.setenv("TAGCLIP_CACHE", str(tmp_path / "cache"))
     path = CHAIN_CASES[case](tmp_path / "model")
@@ -351,11 +355,5 @@ def test_tag_and_cams_run_on_every_supported_kind(case, tmp_path, monkeypatch):
     pics = tmp_path / "pics"
     pics.mkdir()
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(pics / "a.jpg")
-    assert main(["tag", str(pics), "--classes", "cat,dog", "--model_path", str(path), "--device", "cpu",
-                 "--output_dir", str(tmp_path / "out"), "--quiet"]) == 0
-    (tmp_path / "labels.txt").write_text("a 7 11\n", encoding="utf-8")
-    assert generate_cams_main(["--dataset", "voc2012", "--img_root", str(pics), "--split_file",
-                               str(tmp_path / "labels.txt"), "--model_path", str(path), "--cam_out_dir",
-                               str(tmp_path / "cams"), "--device", "cpu"]) == 0
-    keys, maps = load_cam(tmp_path / "cams" / "a.npy")
+    keys, maps = _tag_then_cams(path, pics, tmp_path, "a 7 11")
     assert keys.tolist() == [7, 11] and maps.shape == (2, 40, 56) and np.isfinite(maps).all()

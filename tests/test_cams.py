@@ -662,6 +662,13 @@ def test_generate_cams_script_process(voc_folder):
     assert "outside the vocabulary of 20 classes" in bad.stderr
 
 
+def _cocostuff_argv(tmp_path, root, split) -> list[str]:
+    """generate_cams.py on COCO-Stuff with the tiny checkpoint, CAMs under tmp_path/cams."""
+    return ["--dataset", "cocostuff", "--img_root", str(root), "--split_file", str(split),
+            "--model", str(helpers.TINY_CHECKPOINT), "--cam_out_dir", str(tmp_path / "cams"),
+            "--model_cache", str(tmp_path / "mc"), "--device", "cpu"]
+
+
 def test_cocostuff_label_ids_are_171_index(tmp_path, capsys):
     """COCO-Stuff label files use the 171 class indices; 171 and above are rejected."""
     root = tmp_path / "JPEGImages"
@@ -669,9 +676,7 @@ def test_cocostuff_label_ids_are_171_index(tmp_path, capsys):
     _image(root / "x.jpg", (40, 30))
     labels = tmp_path / "labels.txt"
     labels.write_text("x 170 0\n", encoding="utf-8")
-    base = ["--dataset", "cocostuff", "--img_root", str(root), "--split_file", str(labels),
-            "--model", str(helpers.TINY_CHECKPOINT), "--cam_out_dir", str(tmp_path / "cams"),
-            "--model_cache", str(tmp_path / "mc"), "--device", "cpu"]
+    base = _cocostuff_argv(tmp_path, root, labels)
     assert generate_cams_main(base) == 0
     keys, maps = CF.load_cam(tmp_path / "cams" / "x.npy")
     assert keys.tolist() == [170, 0] and maps.shape == (2, 30, 40)
@@ -692,9 +697,7 @@ def test_cocostuff_ground_truth_split_is_read_with_gt_split(tmp_path, capsys):
     _image(root / "x.jpg", (40, 30))
     split = tmp_path / "val.txt"
     split.write_text("x 0 12 181\n", encoding="utf-8")
-    base = ["--dataset", "cocostuff", "--img_root", str(root), "--split_file", str(split),
-            "--model", str(helpers.TINY_CHECKPOINT), "--cam_out_dir", str(tmp_path / "cams"),
-            "--model_cache", str(tmp_path / "mc"), "--device", "cpu"]
+    base = _cocostuff_argv(tmp_path, root, split)
     assert generate_cams_main(base) == 2  # 181 is outside the 171 classes
     assert "add --gt_split" in capsys.readouterr().err
     assert generate_cams_main(base + ["--gt_split"]) == 0
