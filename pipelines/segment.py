@@ -122,7 +122,7 @@ class Segmenter:
 
     The open-vocabulary choices of this module's docstring apply: the CAM stage uses the
     class names as given, ``background`` or else the word ``background``, and the COCO
-    affinity blocks and box threshold (``affinity_layers`` overrides the blocks).
+    affinity blocks and box threshold (:func:`open_cam_config`; ``cam_config`` replaces them).
     """
 
     def __init__(self, model, names: Sequence[str], background: Sequence[str] = (),
